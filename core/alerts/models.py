@@ -1,0 +1,1 @@
+"""Tables of core.alerts (filled in by its package)."""

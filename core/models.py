@@ -1,0 +1,13 @@
+"""Imports every table so ``SQLModel.metadata`` is complete (Alembic, tests)."""
+
+from sqlmodel import SQLModel
+
+import core.alerts.models
+import core.posture.models
+import core.providers.models
+import core.sso.models
+import core.sync.models
+import core.tenants.models
+import core.vault.models  # noqa: F401
+
+metadata = SQLModel.metadata

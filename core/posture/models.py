@@ -1,0 +1,1 @@
+"""Tables of core.posture (filled in by its package)."""

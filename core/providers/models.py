@@ -1,0 +1,1 @@
+"""Tables of core.providers (filled in by its package)."""

@@ -1,0 +1,103 @@
+"""One settings class for the whole product (environment prefix ``CRMBRIDGE_``).
+
+Tests build their own ``Settings(...)``; everything else calls ``get_settings()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data"
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRMBRIDGE_", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{DATA_DIR / 'crmbridge.db'}",
+        description="SQLAlchemy URL; SQLite file under data/ by default, postgresql+psycopg://… in production",
+    )
+    demo: bool = Field(default=False, description="Demo mode: demo accounts, generated keys, loopback only")
+    public_url: str = Field(
+        default="http://127.0.0.1:8501",
+        description="External base URL; every absolute URL the product emits is built from it",
+    )
+    bind_address: str = Field(default="127.0.0.1", description="Address the console server binds")
+    port: int = Field(default=8501, description="Port the console server binds")
+    secret_key: str = Field(
+        default="",
+        description="Server secret for the audit HMAC chain, CSRF and signed links (base64 or text)",
+    )
+    secret_key_file: Path = Field(default=DATA_DIR / "secret.key", description="Demo-mode secret file")
+    vault_keys: str = Field(default="", description='KEK ring JSON: {"active": id, "keys": {id: b64}}')
+    vault_key_file: Path | None = Field(default=None, description="KEK ring file (mode 0600)")
+    session_absolute_hours: float = Field(default=12.0, description="Console session absolute lifetime")
+    session_idle_minutes: float = Field(default=60.0, description="Console session idle timeout")
+    sandbox_url: str = Field(default="https://127.0.0.1:8502", description="CRM sandbox base URL (demo)")
+    sandbox_ca_file: Path | None = Field(default=None, description="CA bundle trusting the sandbox TLS")
+    smtp_host: str = Field(default="127.0.0.1", description="SMTP server for alert email")
+    smtp_port: int = Field(default=25, description="SMTP port")
+    smtp_sender: str = Field(default="crmbridge@localhost", description="From address of alert email")
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        host = urlsplit(self.public_url).hostname or ""
+        if self.demo and self.bind_address not in {"127.0.0.1", "localhost", "::1"}:
+            raise ValueError(
+                "CRMBRIDGE_DEMO=1 is only allowed when the server binds loopback "
+                f"(CRMBRIDGE_BIND_ADDRESS is {self.bind_address!r}): unset CRMBRIDGE_DEMO or bind 127.0.0.1"
+            )
+        if not self.demo and self.secret_key.strip().lower() in PLACEHOLDER_SECRETS and self.secret_key:
+            raise ValueError(
+                "CRMBRIDGE_SECRET_KEY is a placeholder: set a random value (python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        if not host:
+            raise ValueError(f"CRMBRIDGE_PUBLIC_URL {self.public_url!r} is not an absolute URL")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def public(self, path: str) -> str:
+        """An absolute URL under CRMBRIDGE_PUBLIC_URL (never from the request's Host header)."""
+        return self.public_url.rstrip("/") + "/" + path.lstrip("/")
+
+    def server_secret(self) -> bytes:
+        """The server secret: from the environment, or (demo only) a generated 0600 file."""
+        if self.secret_key:
+            try:
+                raw = base64.urlsafe_b64decode(self.secret_key + "=" * (-len(self.secret_key) % 4))
+                if len(raw) >= 16:
+                    return raw
+            except ValueError:
+                pass
+            return self.secret_key.encode()
+        if not self.demo:
+            raise RuntimeError(
+                "CRMBRIDGE_SECRET_KEY is not set: set it to a random value (outside demo mode the "
+                "server never invents its own secret, so replicas agree)"
+            )
+        path = self.secret_key_file
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32))
+        return base64.urlsafe_b64decode(path.read_text().strip() + "==")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

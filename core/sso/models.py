@@ -1,0 +1,1 @@
+"""Tables of core.sso (filled in by its package)."""

@@ -1,0 +1,1 @@
+"""Tables of core.sync (filled in by its package)."""

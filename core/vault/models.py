@@ -1,0 +1,1 @@
+"""Tables of core.vault (filled in by its package)."""
