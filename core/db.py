@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from datetime import UTC
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, DateTime, event
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
 
 from core.settings import get_settings

@@ -36,3 +36,27 @@ def ago(dt: datetime | None, now: datetime | None = None) -> str:
             v = f"{int(secs // n)} {unit}"
             return f"in {v}" if future else f"{v} ago"
     return "just now"
+
+
+def selected_tenant_id(p: Principal, *, key: str = "tenant_id") -> int | None:
+    """The tenant this page works on: a tenant admin's own; for staff the tenant picked in the sidebar
+    (the list comes from the core service, so scope is enforced there, not here)."""
+    if p.is_tenant_admin:
+        return p.tenant_id
+    if not p.is_staff:
+        return None
+    from core.db import session_scope
+    from core.tenants.service import list_tenants
+
+    with session_scope() as s:
+        rows, _ = list_tenants(session=s, principal=p, limit=5000)
+    if not rows:
+        st.sidebar.info("No tenants yet: create one on the Tenants page.")
+        return None
+    ids = [r.id for r in rows]
+    names = {r.id: f"{r.name} ({r.slug})" for r in rows}
+    current = st.session_state.get(key)
+    index = ids.index(current) if current in ids else 0
+    chosen = st.sidebar.selectbox("Tenant", ids, index=index, format_func=names.__getitem__, key="_tenant_picker")
+    st.session_state[key] = chosen
+    return chosen

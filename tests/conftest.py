@@ -204,3 +204,19 @@ def run_page(page: str, principal: Principal | None, *, timeout: float = 30, **s
     for k, v in state.items():
         at.session_state[k] = v
     return at.run()
+
+
+def page_text(at) -> str:  # type: ignore[no-untyped-def]
+    """Everything a person would read on the rendered page (tables in full), for assertions."""
+    parts: list[str] = []
+    for name in ("title", "header", "subheader", "markdown", "caption", "text", "code", "error", "warning",
+                 "info", "success", "exception", "json", "latex"):
+        for el in getattr(at, name, []):
+            parts.append(str(getattr(el, "value", "")))
+    for m in at.metric:
+        parts.append(f"{m.label} {m.value} {getattr(m, 'delta', '')}")
+    for d in at.dataframe:
+        parts.append(d.value.to_csv())
+    for t in getattr(at, "table", []):
+        parts.append(t.value.to_csv())
+    return "\n".join(parts)

@@ -130,7 +130,7 @@ def verify_chain(session: Session, *, key: bytes | None = None) -> list[ChainPro
     """Check every chain against its head. Returns the problems found (empty when intact)."""
     key = key or audit_key()
     problems: list[ChainProblem] = []
-    heads = {h.chain: h for h in session.exec(select(AuditHead))}
+    heads = {h.chain: h for h in session.exec(select(AuditHead).execution_options(populate_existing=True))}
     chains = set(heads) | set(session.exec(select(AuditEvent.chain).distinct()))
     for chain in sorted(chains):
         prev = ""
@@ -138,6 +138,7 @@ def verify_chain(session: Session, *, key: bytes | None = None) -> list[ChainPro
         last_seq = 0
         rows = session.exec(
             select(AuditEvent).where(AuditEvent.chain == chain).order_by(col(AuditEvent.seq))
+            .execution_options(populate_existing=True)
         )
         for ev in rows:
             if ev.seq != expected_seq:

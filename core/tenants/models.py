@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 
+from pydantic import field_validator
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -36,11 +38,26 @@ ONBOARDING_STEPS = ("tenant", "crm_accounts", "credential_mode", "connection_tes
 
 class TenantBase(SQLModel):
     name: str = Field(min_length=1, max_length=200)
-    slug: str = Field(min_length=2, max_length=63, regex=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
+    slug: str = Field(min_length=2, max_length=63)
+
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
 
 
 class TenantCreate(TenantBase):
-    pass
+    @field_validator("slug")
+    @classmethod
+    def _slug_shape(cls, v: str) -> str:
+        if not SLUG_RE.match(v):
+            raise ValueError("use lowercase letters, digits and dashes, starting and ending with a letter or digit")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
 
 
 class Tenant(TenantBase, table=True):

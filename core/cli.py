@@ -1,0 +1,142 @@
+"""The `crmbridge` command (also `python -m core`): operations for the console's operators.
+
+Each package that has commands exposes ``register(subparsers)`` in its ``cli`` module; the handlers
+it registers receive the parsed args and return an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from core.errors import CrmBridgeError
+
+log = logging.getLogger("crmbridge.cli")
+
+PACKAGE_CLIS = (
+    "core.vault.cli",
+    "core.providers.cli",
+    "core.sso.cli",
+    "core.sync.cli",
+    "core.posture.cli",
+    "core.alerts.cli",
+)
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from core import migrate
+
+    migrate.upgrade(args.url)
+    _out("database schema is up to date")
+    return 0
+
+
+def cmd_demo_load(args: argparse.Namespace) -> int:
+    from core.demo import load_demo
+
+    summary = load_demo(reset=args.reset, only_if_empty=args.if_empty)
+    _out(summary)
+    return 0
+
+
+def cmd_account_create(args: argparse.Namespace) -> int:
+    from sqlmodel import select
+
+    from core.db import session_scope
+    from core.tenants.access import Principal
+    from core.tenants.auth import create_console_account
+    from core.tenants.models import Tenant
+
+    password = os.environ.get("CRMBRIDGE_NEW_PASSWORD") or (
+        getpass.getpass("Password (empty: none, invite later): ") if sys.stdin.isatty() else ""
+    )
+    with session_scope() as s:
+        tenant_id = None
+        if args.tenant:
+            t = s.exec(select(Tenant).where(Tenant.slug == args.tenant)).first()
+            if t is None:
+                raise CrmBridgeError(f"No tenant {args.tenant!r}: check the slug.")
+            tenant_id = t.id
+        acc = create_console_account(
+            s, principal=Principal.system("cli"), email=args.email, role=args.role, tenant_id=tenant_id,
+            password=password or None, name=args.name or "",
+        )
+        _out(f"created {acc.role} account {acc.email}")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from core.db import session_scope
+    from core.tenants.audit import verify_chain
+
+    with session_scope() as s:
+        problems = verify_chain(s)
+    if problems:
+        for p in problems:
+            _out(f"TAMPERED {p}")
+        _out(f"audit log: {len(problems)} problem(s) found")
+        return 1
+    _out("audit log intact")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crmbridge", description="CRM Bridge operations")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply migrations")
+    up.add_argument("--url", help="database URL (default: CRMBRIDGE_DATABASE_URL)")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    demo = sub.add_parser("demo", help="demo data").add_subparsers(dest="demo_command", required=True)
+    dl = demo.add_parser("load", help="load the demo scenarios in data/demo/")
+    dl.add_argument("--reset", action="store_true", help="delete every row first")
+    dl.add_argument("--if-empty", action="store_true", help="only when the database has no tenant")
+    dl.set_defaults(func=cmd_demo_load)
+
+    account = sub.add_parser("account", help="console accounts").add_subparsers(dest="account_command",
+                                                                                 required=True)
+    ac = account.add_parser("create", help="create a console account (password from CRMBRIDGE_NEW_PASSWORD)")
+    ac.add_argument("--email", required=True)
+    ac.add_argument("--role", required=True, help="staff | tenant_admin | leadership")
+    ac.add_argument("--tenant", help="tenant slug (tenant admins only)")
+    ac.add_argument("--name")
+    ac.set_defaults(func=cmd_account_create)
+
+    audit = sub.add_parser("audit", help="audit log").add_subparsers(dest="audit_command", required=True)
+    av = audit.add_parser("verify", help="check the HMAC chain; exit 1 and name each tampered row")
+    av.set_defaults(func=cmd_audit_verify)
+
+    for name in PACKAGE_CLIS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        register: Callable[[argparse._SubParsersAction], None] = mod.register
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CrmBridgeError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1

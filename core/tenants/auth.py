@@ -1,0 +1,246 @@
+"""Console sign-in and server-side sessions.
+
+- Passwords: argon2id. Unknown emails are checked against a dummy hash so timing reveals nothing,
+  and every failure gives one generic message.
+- Lockout: 5 failures lock the account for 15 minutes. Per-address throttling (30 failures per
+  15 minutes) stops one client from locking out everyone by guessing emails.
+- Sessions: a random token in an HttpOnly, SameSite=Lax cookie; only its SHA-256 is stored. Absolute
+  and idle expiry; revocable (sign-out, disabling an account) everywhere at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlmodel import Session, select
+
+from core.clock import utcnow
+from core.errors import AccessDenied, Conflict, InvalidInput, SessionInvalid, SignInFailed
+from core.settings import get_settings
+from core.tenants.access import Principal, require_staff
+from core.tenants.audit import record_event
+from core.tenants.models import ConsoleAccount, ConsoleSession, Role, SignInThrottle, Tenant
+
+MAX_FAILURES = 5
+LOCKOUT = timedelta(minutes=15)
+ADDRESS_WINDOW = timedelta(minutes=15)
+ADDRESS_MAX_FAILURES = 30
+SEEN_WRITE_EVERY = timedelta(seconds=60)
+GENERIC_FAILURE = (
+    "Wrong email or password, or the account is locked or disabled. Check both and try again; "
+    "after 5 failed attempts the account is locked for 15 minutes."
+)
+
+_hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
+_DUMMY_HASH = _hasher.hash("not-a-real-password-used-for-timing-only")
+
+
+def hash_password(password: str) -> str:
+    if len(password) < 12:
+        raise InvalidInput("The password is too short: use at least 12 characters.")
+    if len(password) > 1024:
+        raise InvalidInput("The password is too long: use at most 1,024 characters.")
+    return _hasher.hash(password)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def normalize_email(email: str) -> str:
+    email = (email or "").strip().lower()
+    if "@" not in email or len(email) > 254 or len(email) < 3:
+        raise InvalidInput(f"{email!r} is not an email address: enter it as name@company.com.")
+    return email
+
+
+def _throttle(session: Session, address: str, now: datetime) -> SignInThrottle:
+    row = session.get(SignInThrottle, address)
+    if row is None:
+        row = SignInThrottle(address=address, window_start=now, failures=0)
+    elif now - row.window_start > ADDRESS_WINDOW:
+        row.window_start, row.failures = now, 0
+    return row
+
+
+def authenticate(
+    session: Session, *, email: str, password: str, address: str, now: datetime | None = None
+) -> ConsoleAccount:
+    """Check a console sign-in. Commits the failure counters itself (they must survive the error).
+
+    Raises:
+        SignInFailed: with one generic message for every reason (unknown email, wrong password,
+            locked, disabled), or a throttling message naming the wait when the address is throttled.
+    """
+    now = now or utcnow()
+    throttle = _throttle(session, address, now)
+    if throttle.failures >= ADDRESS_MAX_FAILURES:
+        wait = int((throttle.window_start + ADDRESS_WINDOW - now).total_seconds() // 60) + 1
+        raise SignInFailed(f"Too many failed sign-ins from your network: wait {wait} minutes and try again.")
+    try:
+        email_n = normalize_email(email)
+    except InvalidInput:
+        email_n = ""
+    account = session.exec(select(ConsoleAccount).where(ConsoleAccount.email == email_n)).first()
+    ok = False
+    try:
+        ok = _hasher.verify(account.password_hash if account and account.password_hash else _DUMMY_HASH,
+                            password or "")
+    except (VerificationError, InvalidHashError):
+        ok = False
+    locked = bool(account and account.locked_until and account.locked_until > now)
+    if account is None or not ok or locked or account.disabled or not account.password_hash:
+        throttle.failures += 1
+        session.add(throttle)
+        if account is not None and not locked:
+            account.failed_attempts += 1
+            if account.failed_attempts >= MAX_FAILURES:
+                account.locked_until = now + LOCKOUT
+                account.failed_attempts = 0
+                record_event(session, principal=account.email, action="account.locked",
+                             tenant_id=account.tenant_id, target=f"console_account:{account.id}", at=now)
+            session.add(account)
+        session.commit()
+        raise SignInFailed(GENERIC_FAILURE)
+    account.failed_attempts = 0
+    account.locked_until = None
+    account.last_sign_in_at = now
+    session.add(account)
+    return account
+
+
+def principal_for(account: ConsoleAccount) -> Principal:
+    return Principal(role=account.role, email=account.email, account_id=account.id, tenant_id=account.tenant_id)
+
+
+def start_session(
+    session: Session, *, account_id: int, method: str = "password", now: datetime | None = None
+) -> str:
+    """Create a server-side session and return the cookie token (shown to nobody else)."""
+    now = now or utcnow()
+    account = session.get(ConsoleAccount, account_id)
+    if account is None or account.disabled:
+        raise SessionInvalid("This console account is disabled: ask CRM Bridge staff to re-enable it.")
+    token = secrets.token_urlsafe(32)
+    settings = get_settings()
+    session.add(ConsoleSession(
+        token_hash=_token_hash(token), account_id=account_id, method=method, created_at=now,
+        last_seen_at=now, expires_at=now + timedelta(hours=settings.session_absolute_hours),
+    ))
+    record_event(session, principal=principal_for(account), action="session.start",
+                 tenant_id=account.tenant_id, target=f"console_account:{account_id}",
+                 details={"method": method}, at=now)
+    session.flush()
+    return token
+
+
+def principal_from_token(session: Session, token: str | None, *, now: datetime | None = None) -> Principal:
+    """Resolve a session cookie to its Principal, or raise SessionInvalid (missing, forged, expired,
+    idle, revoked, or the account disabled)."""
+    if not token or len(token) > 200:
+        raise SessionInvalid("You are not signed in: open /auth/login to sign in.")
+    now = now or utcnow()
+    row = session.exec(select(ConsoleSession).where(ConsoleSession.token_hash == _token_hash(token))).first()
+    if row is None or row.revoked_at is not None:
+        raise SessionInvalid("Your session has ended: sign in again at /auth/login.")
+    idle = timedelta(minutes=get_settings().session_idle_minutes)
+    if now >= row.expires_at or now - row.last_seen_at > idle:
+        raise SessionInvalid("Your session expired: sign in again at /auth/login.")
+    account = session.get(ConsoleAccount, row.account_id)
+    if account is None or account.disabled:
+        raise SessionInvalid("This console account is disabled: ask CRM Bridge staff to re-enable it.")
+    if now - row.last_seen_at > SEEN_WRITE_EVERY:
+        row.last_seen_at = now
+        session.add(row)
+        session.commit()
+    return principal_for(account)
+
+
+def end_session(session: Session, token: str | None, *, now: datetime | None = None) -> None:
+    if not token:
+        return
+    row = session.exec(select(ConsoleSession).where(ConsoleSession.token_hash == _token_hash(token))).first()
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = now or utcnow()
+        session.add(row)
+        account = session.get(ConsoleAccount, row.account_id)
+        if account is not None:
+            record_event(session, principal=principal_for(account), action="session.end",
+                         tenant_id=account.tenant_id, target=f"console_account:{account.id}", at=row.revoked_at)
+
+
+def revoke_sessions(session: Session, *, account_id: int, now: datetime | None = None) -> int:
+    """End every session of an account at once (disabling, password reset)."""
+    now = now or utcnow()
+    rows = session.exec(
+        select(ConsoleSession).where(ConsoleSession.account_id == account_id, ConsoleSession.revoked_at == None)  # noqa: E711
+    ).all()
+    for r in rows:
+        r.revoked_at = now
+        session.add(r)
+    return len(rows)
+
+
+def create_console_account(
+    session: Session,
+    *,
+    principal: Principal,
+    email: str,
+    role: str,
+    tenant_id: int | None = None,
+    password: str | None = None,
+    name: str = "",
+) -> ConsoleAccount:
+    """Create a console account (staff only). Tenant admins must name their tenant; others must not."""
+    require_staff(principal)
+    email_n = normalize_email(email)
+    try:
+        role_v = Role(role).value
+    except ValueError:
+        raise InvalidInput(
+            f"Unknown role {role!r}: use one of {', '.join(r.value for r in Role)}."
+        ) from None
+    if role_v == Role.tenant_admin.value:
+        if tenant_id is None or session.get(Tenant, tenant_id) is None:
+            raise InvalidInput("A tenant admin belongs to one tenant: choose an existing tenant.")
+    elif tenant_id is not None:
+        raise InvalidInput(f"A {role_v} account is not tied to a tenant: leave the tenant empty.")
+    if session.exec(select(ConsoleAccount).where(ConsoleAccount.email == email_n)).first():
+        raise Conflict(f"A console account for {email_n} already exists: edit it instead.")
+    if len(name) > 200:
+        raise InvalidInput("The name is too long: use at most 200 characters.")
+    account = ConsoleAccount(
+        email=email_n, name=name, role=role_v, tenant_id=tenant_id,
+        password_hash=hash_password(password) if password else None,
+    )
+    session.add(account)
+    session.flush()
+    record_event(session, principal=principal, action="console_account.create", tenant_id=tenant_id,
+                 target=f"console_account:{account.id}", details={"email": email_n, "role": role_v})
+    return account
+
+
+def set_account_disabled(
+    session: Session, *, principal: Principal, account_id: int, disabled: bool
+) -> ConsoleAccount:
+    """Disable (ending every session at once) or re-enable a console account."""
+    account = session.get(ConsoleAccount, account_id)
+    if account is None:
+        raise AccessDenied("No such console account in your scope.")
+    if not principal.is_staff and not (
+        principal.is_tenant_admin and account.tenant_id == principal.tenant_id
+    ):
+        raise AccessDenied("You can only manage console accounts of your own tenant.")
+    if account.id == principal.account_id and disabled:
+        raise InvalidInput("You cannot disable your own account: ask another admin.")
+    account.disabled = disabled
+    session.add(account)
+    if disabled:
+        revoke_sessions(session, account_id=account_id)
+    record_event(session, principal=principal, action="console_account.disable" if disabled else
+                 "console_account.enable", tenant_id=account.tenant_id, target=f"console_account:{account.id}")
+    return account

@@ -1,0 +1,55 @@
+"""Streamlit entry: page config, the sign-in gate, role-based navigation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core.db import session_scope
+from core.errors import SessionInvalid
+from core.tenants.auth import principal_from_token
+from core.web import SESSION_COOKIE
+
+HERE = Path(__file__).resolve().parent
+
+# (file, title, icon, roles that see it). A page whose file is absent is left out.
+PAGES = (
+    ("pages/overview.py", "Overview", ":material/home:", {"staff", "tenant_admin", "leadership"}),
+    ("pages/onboarding.py", "Onboarding", ":material/rocket_launch:", {"staff"}),
+    ("pages/tenants.py", "Tenants", ":material/domain:", {"staff"}),
+    ("pages/tenant.py", "Tenant", ":material/settings:", {"staff", "tenant_admin"}),
+    ("pages/sso.py", "SSO", ":material/key:", {"staff", "tenant_admin"}),
+    ("pages/users_sync.py", "Users & sync", ":material/sync:", {"staff", "tenant_admin"}),
+    ("pages/posture.py", "Posture", ":material/health_and_safety:", {"staff", "tenant_admin"}),
+    ("pages/adoption.py", "Adoption", ":material/insights:", {"leadership", "staff"}),
+    ("pages/vault.py", "Vault", ":material/lock:", {"staff"}),
+    ("pages/accounts.py", "Console accounts", ":material/group:", {"staff", "tenant_admin"}),
+    ("pages/alerts.py", "Alerts", ":material/notifications:", {"staff", "tenant_admin"}),
+    ("pages/audit.py", "Audit log", ":material/history:", {"staff", "tenant_admin"}),
+)
+
+st.set_page_config(page_title="CRM Bridge", page_icon=":material/hub:", layout="wide")
+
+token = st.context.cookies.get(SESSION_COOKIE)
+try:
+    with session_scope() as s:
+        principal = principal_from_token(s, token)
+except SessionInvalid as exc:
+    st.session_state.pop("principal", None)
+    st.title("CRM Bridge")
+    st.info(str(exc))
+    st.link_button("Sign in", "/auth/login", type="primary")
+    st.stop()
+
+st.session_state["principal"] = principal
+with st.sidebar:
+    st.caption(f"Signed in as **{principal.email}** · {principal.role.replace('_', ' ')}")
+    st.link_button("Sign out", "/auth/logout")
+
+pages = [
+    st.Page(str(HERE / f), title=title, icon=icon, default=(f == "pages/overview.py"))
+    for f, title, icon, roles in PAGES
+    if principal.role in roles and (HERE / f).exists()
+]
+st.navigation(pages).run()

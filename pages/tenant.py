@@ -1,0 +1,87 @@
+"""Tenant: its CRM accounts (add, test, quota), credentials, and users."""
+
+from __future__ import annotations
+
+import importlib
+
+import streamlit as st
+
+from core.db import session_scope
+from core.errors import CrmBridgeError
+from core.tenants.service import create_app_user, get_tenant, list_app_users, list_crm_accounts
+from pages._common import ago, principal, selected_tenant_id, show_error
+
+
+def _component(module: str, name: str):  # type: ignore[no-untyped-def]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ModuleNotFoundError, AttributeError):
+        return None
+
+
+p = principal()
+tenant_id = selected_tenant_id(p)
+if tenant_id is None:
+    st.stop()
+try:
+    with session_scope() as s:
+        tenant = get_tenant(session=s, principal=p, tenant_id=tenant_id)
+        accounts = list_crm_accounts(session=s, principal=p, tenant_id=tenant_id)
+        users = list_app_users(session=s, principal=p, tenant_id=tenant_id, limit=1000)
+except CrmBridgeError as exc:
+    show_error(exc)
+    st.stop()
+
+st.title(tenant.name)
+st.caption(f"`{tenant.slug}` · status **{tenant.status}** · onboarding step **{tenant.onboarding_step}**")
+
+st.subheader("CRM accounts")
+if accounts:
+    st.dataframe(
+        [{"Label": a.label, "CRM": a.provider, "Edition": a.edition, "Credential mode": a.credential_mode,
+          "Status": a.status, "Last test": ("passed" if a.last_test_ok else "failed") if a.last_test_at else "never",
+          "Tested": ago(a.last_test_at)} for a in accounts],
+        hide_index=True, width="stretch",
+    )
+else:
+    st.info("No CRM account yet: add the first one below.")
+
+render_test = _component("pages._crm_accounts", "render_connection_test")
+render_quota = _component("pages._crm_accounts", "render_quota")
+for a in accounts:
+    if render_test or render_quota:
+        with st.expander(f"{a.label} — {a.provider} {a.edition}"):
+            if render_test:
+                render_test(a.id)
+            if render_quota:
+                render_quota(a.id)
+
+render_add = _component("pages._crm_accounts", "render_add_crm_account")
+if render_add:
+    with st.expander("Add a CRM account", expanded=not accounts):
+        render_add(tenant_id)
+
+render_creds = _component("pages._credentials", "render_credentials")
+if render_creds:
+    st.subheader("Stored credentials")
+    render_creds(tenant_id)
+
+st.subheader(f"Users ({len(users)})")
+if users:
+    st.dataframe(
+        [{"Email": u.email, "Name": u.name, "Status": u.status, "Signs in by SSO": u.signs_in_by_sso}
+         for u in users],
+        hide_index=True, width="stretch",
+    )
+with st.expander("Add a user"):
+    with st.form("add_user"):
+        email = st.text_input("Email", max_chars=254)
+        name = st.text_input("Name", max_chars=200)
+        if st.form_submit_button("Add user"):
+            try:
+                with session_scope() as s:
+                    create_app_user(session=s, principal=p, tenant_id=tenant_id, data={"email": email, "name": name})
+                st.success(f"Added {email}.")
+                st.rerun()
+            except CrmBridgeError as exc:
+                show_error(exc)

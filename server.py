@@ -1,0 +1,69 @@
+"""ASGI launcher: the Streamlit console plus the Starlette routes beside it (sign-in/out, SAML SP,
+OAuth callbacks, connect links, /healthz). Run with `python server.py` (make run does)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import streamlit as st
+from starlette.routing import BaseRoute
+
+from core.settings import get_settings
+
+log = logging.getLogger("crmbridge.server")
+HERE = Path(__file__).resolve().parent
+
+# Each package that serves HTTP exposes `routes` in its routes module.
+ROUTE_MODULES = (
+    "core.tenants.routes",
+    "core.vault.routes",
+    "core.providers.routes",
+    "core.sso.routes",
+    "core.accounts.routes",
+)
+
+
+def collect_routes() -> list[BaseRoute]:
+    routes: list[BaseRoute] = []
+    for name in ROUTE_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        routes.extend(getattr(mod, "routes", []))
+    return routes
+
+
+def startup_checks() -> None:
+    """Refuse to start on missing keys (never invent them outside demo mode) and sweep the vault."""
+    settings = get_settings()
+    settings.server_secret()
+    try:
+        from core.vault import service as vault_service
+    except ModuleNotFoundError:
+        return
+    from core.db import get_engine
+
+    sweep = getattr(vault_service, "sweep_on_start", None)
+    if sweep is not None:
+        sweep(get_engine())
+
+
+app = st.App(str(HERE / "dashboard.py"), routes=collect_routes())
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = get_settings()
+    startup_checks()
+    app.run(config={
+        "server.port": s.port,
+        "server.address": s.bind_address,
+        "server.headless": True,
+        "browser.gatherUsageStats": False,
+        "server.fileWatcherType": "none",
+        "client.toolbarMode": "minimal",
+    })

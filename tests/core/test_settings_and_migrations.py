@@ -1,0 +1,59 @@
+"""Settings refusals, and Alembic: migrations apply and agree with the models on both databases."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from core import migrate
+from core.settings import Settings
+from tests.conftest import PG_URL
+
+
+def test_demo_mode_refused_off_loopback():
+    with pytest.raises(ValueError, match="loopback"):
+        Settings(demo=True, bind_address="0.0.0.0")
+
+
+def test_placeholder_secret_refused_outside_demo():
+    with pytest.raises(ValueError, match="placeholder"):
+        Settings(demo=False, secret_key="changeme")
+
+
+def test_no_secret_outside_demo_stops_start_up(tmp_path):
+    s = Settings(demo=False, secret_key="", secret_key_file=tmp_path / "k")
+    with pytest.raises(RuntimeError, match="CRMBRIDGE_SECRET_KEY"):
+        s.server_secret()
+    demo = Settings(demo=True, secret_key="", secret_key_file=tmp_path / "k")
+    assert len(demo.server_secret()) >= 16
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+
+
+def test_public_url_builds_absolute_urls():
+    s = Settings(public_url="https://console.example.com/")
+    assert s.public("/sso/acme/acs") == "https://console.example.com/sso/acme/acs"
+
+
+def _fresh_pg_db() -> str:
+    from core.db import make_engine
+
+    admin = make_engine(PG_URL)
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS crmbridge_migrations"))
+        conn.execute(text("CREATE DATABASE crmbridge_migrations"))
+    admin.dispose()
+    return PG_URL.rsplit("/", 1)[0] + "/crmbridge_migrations"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_alembic_upgrade_check_and_downgrade(tmp_path, backend):
+    if backend == "postgres":
+        if not PG_URL:
+            pytest.skip("postgres: CRMBRIDGE_TEST_DATABASE_URL is not set")
+        url = _fresh_pg_db()
+    else:
+        url = f"sqlite:///{tmp_path / 'mig.db'}"
+    migrate.upgrade(url)
+    migrate.check(url)  # raises when models and migrations disagree
+    migrate.downgrade(url, "base")
+    migrate.upgrade(url)

@@ -1,0 +1,92 @@
+"""AppTests: the foundation pages for each role that may see them."""
+
+from __future__ import annotations
+
+from sqlmodel import Session
+
+from core.demo import load_scenario, read_scenario
+from core.tenants.access import Principal
+from tests.conftest import page_text, run_page
+
+
+def _demo(engine) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    with Session(engine) as s:
+        slugs = load_scenario(s, read_scenario())
+        s.commit()
+    return slugs
+
+
+_texts = page_text
+
+
+STAFF = Principal(role="staff", email="cs@crmbridge.example", account_id=1)
+LEAD = Principal(role="leadership", email="vp.sales@crmbridge.example", account_id=2)
+
+
+def test_tenants_page_staff_sees_all_and_can_create(app_db):
+    _demo(app_db)
+    at = run_page("tenants.py", STAFF)
+    assert not at.exception
+    text = _texts(at)
+    assert "BigCorp" in text and "Tiny Co" in text and "6 tenant(s)" in text
+    at.text_input[1].input("Initech")
+    at.text_input[2].input("initech")
+    at.button[0].click().run()
+    assert any("Created Initech" in s.value for s in at.success)
+
+
+def test_tenants_page_refuses_leadership(app_db):
+    _demo(app_db)
+    at = run_page("tenants.py", LEAD)
+    assert at.error and "staff and tenant admins" in at.error[0].value
+
+
+def test_tenant_page_admin_sees_only_own_tenant(app_db):
+    slugs = _demo(app_db)
+    admin = Principal(role="tenant_admin", email="admin@bigcorp.example", tenant_id=slugs["bigcorp"])
+    at = run_page("tenant.py", admin)
+    assert not at.exception
+    text = _texts(at)
+    assert "BigCorp" in text and "EMEA sales" in text and "anna@bigcorp.example" in text
+    assert "Tiny Co" not in text and "tom@tinyco.example" not in text
+
+
+def test_tenant_page_admin_cannot_reach_another_tenant_by_state(app_db):
+    slugs = _demo(app_db)
+    admin = Principal(role="tenant_admin", email="admin@bigcorp.example", tenant_id=slugs["bigcorp"])
+    at = run_page("tenant.py", admin, tenant_id=slugs["tinyco"])
+    assert "Tiny Co" not in _texts(at)
+
+
+def test_tenant_page_staff_picks_a_tenant(app_db):
+    slugs = _demo(app_db)
+    at = run_page("tenant.py", STAFF, tenant_id=slugs["dynco"])
+    assert "Dyn Manufacturing" in _texts(at)
+
+
+def test_audit_page_scopes(app_db):
+    slugs = _demo(app_db)
+    at = run_page("audit.py", STAFF)
+    assert not at.exception and "tenant.create" in _texts(at)
+    admin = Principal(role="tenant_admin", email="admin@tinyco.example", tenant_id=slugs["tinyco"])
+    at = run_page("audit.py", admin)
+    text = _texts(at)
+    assert "tenant:tinyco" in text and "tenant:bigcorp" not in text
+    at = run_page("audit.py", LEAD)
+    assert at.error
+
+
+def test_overview_per_role(app_db):
+    slugs = _demo(app_db)
+    at = run_page("overview.py", STAFF)
+    assert not at.exception and "Onboardings in flight" in _texts(at) and "NewCo" in _texts(at)
+    at = run_page("overview.py", LEAD)
+    text = _texts(at)
+    assert "Tenants" in text and "NewCo" not in text and "@" not in text
+    admin = Principal(role="tenant_admin", email="admin@bigcorp.example", tenant_id=slugs["bigcorp"])
+    assert "BigCorp" in _texts(run_page("overview.py", admin))
+
+
+def test_page_without_principal_asks_to_sign_in(app_db):
+    at = run_page("tenants.py", None)
+    assert at.error and "not signed in" in at.error[0].value
