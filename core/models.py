@@ -8,6 +8,7 @@ import core.providers.models
 import core.sso.models
 import core.sync.models
 import core.tenants.models
+import core.tenants.onboarding
 import core.vault.models  # noqa: F401
 
 metadata = SQLModel.metadata

@@ -8,8 +8,9 @@ import streamlit as st
 
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.tenants.service import create_app_user, get_tenant, list_app_users, list_crm_accounts
+from core.tenants.service import get_tenant, list_app_users, list_crm_accounts
 from pages._common import ago, principal, selected_tenant_id, show_error
+from pages._users import render_add_user
 
 
 def _component(module: str, name: str):  # type: ignore[no-untyped-def]
@@ -74,14 +75,4 @@ if users:
         hide_index=True, width="stretch",
     )
 with st.expander("Add a user"):
-    with st.form("add_user"):
-        email = st.text_input("Email", max_chars=254)
-        name = st.text_input("Name", max_chars=200)
-        if st.form_submit_button("Add user"):
-            try:
-                with session_scope() as s:
-                    create_app_user(session=s, principal=p, tenant_id=tenant_id, data={"email": email, "name": name})
-                st.success(f"Added {email}.")
-                st.rerun()
-            except CrmBridgeError as exc:
-                show_error(exc)
+    render_add_user(p, tenant_id)

@@ -24,7 +24,7 @@ from core.db import make_engine  # noqa: E402
 from core.tenants.access import Principal  # noqa: E402
 from core.tenants.models import AppUser, CrmAccount, Tenant  # noqa: E402
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.fixtures.sandbox"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT.parent / "shared" / "samples"

@@ -90,3 +90,37 @@ def test_overview_per_role(app_db):
 def test_page_without_principal_asks_to_sign_in(app_db):
     at = run_page("tenants.py", None)
     assert at.error and "not signed in" in at.error[0].value
+
+
+def test_onboarding_wizard_resumes_at_the_current_step(app_db):
+    slugs = _demo(app_db)
+    at = run_page("onboarding.py", STAFF)
+    assert not at.exception
+    text = _texts(at)
+    assert "NewCo" in str(at.selectbox[0].value) or at.selectbox[0].value == slugs["newco"]
+    assert "steps settled" in str(at.get("progress")[0].proto.text) if at.get("progress") else True
+    assert "Connection test" in text
+    # the step shown is the first unsettled one: newco has its CRM account but no passed test
+    assert at.radio[0].value == "crm_accounts"
+
+
+def test_onboarding_defer_keeps_reason_visible(app_db):
+    slugs = _demo(app_db)
+    at = run_page("onboarding.py", STAFF)
+    at.radio[0].set_value("sso").run()
+    at.text_input(key="reason_sso").input("IdP admin away until Monday").run()
+    at.button(key="defer_sso").click().run()
+    assert any("IdP admin away until Monday" in w.value for w in at.warning)
+    at2 = run_page("onboarding.py", STAFF)
+    assert any("IdP admin away until Monday" in w.value for w in at2.warning)
+    assert slugs
+
+
+def test_onboarding_not_for_tenant_admin_or_leadership(app_db):
+    slugs = _demo(app_db)
+    admin = Principal(role="tenant_admin", email="admin@newco.example", tenant_id=slugs["newco"])
+    at = run_page("onboarding.py", admin)
+    # the wizard lists only tenants in the principal's scope; newco's admin sees newco only
+    assert "BigCorp" not in _texts(at)
+    at = run_page("onboarding.py", LEAD)
+    assert at.error

@@ -1,0 +1,25 @@
+"""Shared page piece: add an app user to a tenant."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.db import session_scope
+from core.errors import CrmBridgeError
+from core.tenants.access import Principal
+from core.tenants.service import create_app_user
+from pages._common import show_error
+
+
+def render_add_user(p: Principal, tenant_id: int, *, key: str = "add_user") -> None:
+    with st.form(key, clear_on_submit=True):
+        c1, c2 = st.columns(2)
+        email = c1.text_input("Email", max_chars=254)
+        name = c2.text_input("Name", max_chars=200)
+        if st.form_submit_button("Add user"):
+            try:
+                with session_scope() as s:
+                    create_app_user(session=s, principal=p, tenant_id=tenant_id, data={"email": email, "name": name})
+                st.success(f"Added {email}.")
+            except CrmBridgeError as exc:
+                show_error(exc)

@@ -1,0 +1,169 @@
+"""Onboarding wizard: a view of the onboarding state machine stored in the database, so anyone allowed
+can resume where the last person stopped."""
+
+from __future__ import annotations
+
+import importlib
+
+import streamlit as st
+
+from core.db import session_scope
+from core.errors import CrmBridgeError
+from core.tenants import onboarding as ob
+from core.tenants.models import CredentialMode
+from core.tenants.service import get_tenant, list_crm_accounts, list_tenants, set_credential_mode
+from pages._common import principal, show_error
+from pages._users import render_add_user
+
+ICONS = {
+    "done": ":material/check_circle:",
+    "deferred": ":material/schedule:",
+    "pending": ":material/radio_button_unchecked:",
+}
+
+
+def _component(module: str, name: str):  # type: ignore[no-untyped-def]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ModuleNotFoundError, AttributeError):
+        return None
+
+
+p = principal()
+st.title("Onboarding")
+
+try:
+    with session_scope() as s:
+        rows, _ = list_tenants(session=s, principal=p, status="onboarding", limit=500)
+except CrmBridgeError as exc:
+    show_error(exc)
+    st.stop()
+
+if not rows:
+    st.info("No tenant is onboarding. Create a tenant on the Tenants page to start one.")
+    st.stop()
+ids = [r.id for r in rows]
+current = st.session_state.get("onboarding_tenant")
+tenant_id = st.selectbox("Tenant", ids, index=ids.index(current) if current in ids else 0,
+                         format_func={r.id: f"{r.name} ({r.slug})" for r in rows}.__getitem__)
+st.session_state["onboarding_tenant"] = tenant_id
+
+try:
+    with session_scope() as s:
+        tenant = get_tenant(session=s, principal=p, tenant_id=tenant_id)
+        view = ob.get_onboarding(session=s, principal=p, tenant_id=tenant_id)
+        accounts = list_crm_accounts(session=s, principal=p, tenant_id=tenant_id)
+except CrmBridgeError as exc:
+    show_error(exc)
+    st.stop()
+
+st.progress(view.progress, text=f"{sum(1 for x in view.steps if x.settled)} of {len(view.steps)} steps settled")
+cols = st.columns(len(view.steps))
+for col, step in zip(cols, view.steps, strict=True):
+    col.markdown(f"{ICONS[step.status]} **{step.title}**  \n{step.status}")
+for d in view.deferred:
+    st.warning(f"{d.title} deferred by {d.by}: {d.reason}")
+
+default_key = view.current.key if view.current else "go_live"
+keys = [x.key for x in view.steps if x.key != "tenant"]
+chosen = st.radio("Step", keys, index=keys.index(default_key), horizontal=True,
+                  format_func={x.key: x.title for x in view.steps}.__getitem__, key=f"ob_step_{tenant_id}")
+step = next(x for x in view.steps if x.key == chosen)
+st.subheader(step.title)
+if step.check:
+    st.caption(f"Check: {step.check}")
+
+
+def _done_button() -> None:
+    c1, c2 = st.columns([1, 3])
+    if c1.button("Mark step done", type="primary", key=f"done_{chosen}"):
+        try:
+            with session_scope() as s:
+                ob.complete_step(session=s, principal=p, tenant_id=tenant_id, step=chosen)
+            st.rerun()
+        except CrmBridgeError as exc:
+            show_error(exc)
+    if chosen in ob.DEFERRABLE:
+        with c2.popover("Defer with a reason"):
+            reason = st.text_input("Why can this not be done now?", key=f"reason_{chosen}", max_chars=500)
+            if st.button("Defer", key=f"defer_{chosen}"):
+                try:
+                    with session_scope() as s:
+                        ob.defer_step(session=s, principal=p, tenant_id=tenant_id, step=chosen, reason=reason)
+                    st.rerun()
+                except CrmBridgeError as exc:
+                    show_error(exc)
+    if step.settled and st.button("Reopen this step", key=f"reopen_{chosen}"):
+        with session_scope() as s:
+            ob.reopen_step(session=s, principal=p, tenant_id=tenant_id, step=chosen)
+        st.rerun()
+
+
+if chosen == "crm_accounts":
+    for a in accounts:
+        st.write(f"- **{a.label}** — {a.provider} {a.edition}")
+    render_add = _component("pages._crm_accounts", "render_add_crm_account")
+    if render_add:
+        render_add(tenant_id)
+    _done_button()
+elif chosen == "credential_mode":
+    st.markdown(
+        "How our service acts in each CRM account: a dedicated **API user** (simplest; attribution through "
+        "impersonation or an attribution field), each user's own **OAuth** consent, or each user's stored "
+        "**password** (retiring with Salesforce SOAP login in Summer '27; held encrypted with a hair-trigger "
+        "self-destruct). Moving an account away from stored passwords destroys them."
+    )
+    modes = [m.value for m in CredentialMode]
+    for a in accounts:
+        new = st.selectbox(a.label, modes, index=modes.index(a.credential_mode), key=f"mode_{a.id}",
+                           format_func=lambda m: m.replace("_", " "))
+        if new != a.credential_mode and st.button(f"Save mode for {a.label}", key=f"save_mode_{a.id}"):
+            try:
+                with session_scope() as s:
+                    set_credential_mode(session=s, principal=p, account_id=a.id, mode=new)
+                    destroy = _component("core.vault.service", "destroy_for_mode_change")
+                    if destroy and new != CredentialMode.per_user_password.value:
+                        destroy(s, principal=p, crm_account_id=a.id)
+                st.rerun()
+            except CrmBridgeError as exc:
+                show_error(exc)
+    _done_button()
+elif chosen == "connection_test":
+    render_test = _component("pages._crm_accounts", "render_connection_test")
+    for a in accounts:
+        st.markdown(f"**{a.label}** — last test: "
+                    f"{'passed' if a.last_test_ok else 'failed' if a.last_test_at else 'never run'}")
+        if render_test:
+            render_test(a.id)
+    _done_button()
+elif chosen == "sso":
+    st.markdown("Import the tenant's IdP metadata, fix what the lint reports, and run a test login on the SSO page.")
+    sso_state = _component("pages._sso_status", "render_sso_status")
+    if sso_state:
+        sso_state(tenant_id)
+    else:
+        st.info("Open **SSO** in the sidebar to import the metadata and run the test login.")
+    _done_button()
+elif chosen == "users":
+    render_add_user(p, tenant_id, key="ob_add_user")
+    invite = _component("pages._accounts", "render_invite_admin")
+    if invite:
+        st.markdown("**Hand the credential and SSO steps to the tenant** — invite its admin:")
+        invite(tenant_id)
+    _done_button()
+elif chosen == "go_live":
+    missing = [x.title for x in view.steps if x.key != "go_live" and not x.settled]
+    st.markdown("**Go-live checklist**")
+    for x in view.steps:
+        if x.key != "go_live":
+            st.markdown(f"{ICONS[x.status]} {x.title}: {x.status}" + (f" — *{x.reason}*" if x.reason else ""))
+    if tenant.status == "live":
+        st.success(f"{tenant.name} is live.")
+    elif st.button("Go live", type="primary", disabled=bool(missing) or not p.is_staff):
+        try:
+            with session_scope() as s:
+                ob.go_live(session=s, principal=p, tenant_id=tenant_id)
+            st.success(f"{tenant.name} is live.")
+            st.balloons()
+        except CrmBridgeError as exc:
+            show_error(exc)
