@@ -1,0 +1,64 @@
+"""Each demo role signs in through the real sign-in page and sees its pages and nothing else;
+a refresh keeps the session; sign-out ends it."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.tenants.routes import DEMO_PASSWORD
+from tests.e2e.conftest import Shooter, wait_streamlit
+
+pytestmark = pytest.mark.e2e
+
+ROLE_PAGES = {
+    "cs@crmbridge.example": ({"Overview", "Tenants", "Onboarding", "Audit log"}, set()),
+    "admin@bigcorp.example": ({"Overview", "Tenant", "Audit log"}, {"Tenants", "Onboarding", "Vault"}),
+    "vp.sales@crmbridge.example": ({"Overview"}, {"Tenants", "Tenant", "Audit log", "Onboarding", "Vault"}),
+}
+
+
+def sign_in(page, console, email: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{console.url}/auth/login")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(DEMO_PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    mfa = page.locator("input[name=code]")
+    if mfa.count():
+        import pyotp
+
+        from core.accounts.demo import DEMO_TOTP_SECRET  # type: ignore[import-not-found]
+
+        mfa.fill(pyotp.TOTP(DEMO_TOTP_SECRET).now())
+        page.get_by_role("button").first.click()
+    wait_streamlit(page)
+
+
+def nav_labels(page) -> set[str]:  # type: ignore[no-untyped-def]
+    links = page.locator("[data-testid='stSidebarNav'] a")
+    return {links.nth(i).inner_text().strip() for i in range(links.count())}
+
+
+@pytest.mark.parametrize("email", list(ROLE_PAGES))
+def test_each_role_sees_its_pages_and_refresh_keeps_session(page, console, email):
+    shot = Shooter(page, console.shots, "roles-" + email.split("@")[0])
+    page.goto(f"{console.url}/auth/login")
+    shot("sign-in")
+    sign_in(page, console, email)
+    shot("landing")
+    must, must_not = ROLE_PAGES[email]
+    labels = nav_labels(page)
+    assert must <= labels, labels
+    assert not (must_not & labels), labels
+    page.reload()
+    wait_streamlit(page)
+    assert email in page.locator("[data-testid='stSidebar']").inner_text()
+    shot("after-refresh")
+
+
+def test_sign_out_ends_the_session(page, console):
+    sign_in(page, console, "admin@bigcorp.example")
+    page.goto(f"{console.url}/auth/logout")
+    page.get_by_role("button", name="Sign out").click()
+    page.goto(console.url)
+    wait_streamlit(page)
+    assert page.get_by_text("not signed in").count() or page.get_by_text("Sign in").count()
