@@ -22,6 +22,7 @@ ROUTE_MODULES = (
     "core.providers.routes",
     "core.sso.routes",
     "core.accounts.routes",
+    "core.alerts.routes",
 )
 
 

@@ -25,7 +25,7 @@ from core.tenants.routes import DEMO_PASSWORD
 
 log = logging.getLogger(__name__)
 DEMO_DIR = ROOT / "data" / "demo"
-PACKAGE_DEMOS = ("core.vault.demo", "core.providers.demo", "core.sso.demo", "core.sync.demo",
+PACKAGE_DEMOS = ("core.accounts.demo", "core.vault.demo", "core.providers.demo", "core.sso.demo", "core.sync.demo",
                  "core.posture.demo", "core.alerts.demo")
 
 

@@ -154,3 +154,7 @@ class RecordError(ProviderRejected):
     def __init__(self, message: str, *, record_key: str | None = None, **kwargs: str | None) -> None:
         super().__init__(message, **kwargs)
         self.record_key = record_key
+
+
+class DeliveryFailed(CrmBridgeError):
+    """An email or webhook (alerts, invitations, reset links) could not be delivered."""

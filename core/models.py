@@ -2,6 +2,7 @@
 
 from sqlmodel import SQLModel
 
+import core.accounts.models
 import core.alerts.models
 import core.posture.models
 import core.providers.models

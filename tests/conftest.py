@@ -24,7 +24,9 @@ from core.db import make_engine  # noqa: E402
 from core.tenants.access import Principal  # noqa: E402
 from core.tenants.models import AppUser, CrmAccount, Tenant  # noqa: E402
 
-pytest_plugins: list[str] = ["tests.fixtures.sandbox"]
+pytest_plugins: list[str] = [
+    "tests.fixtures.sandbox", "tests.fixtures.vault", "tests.fixtures.accounts_alerts", "tests.fixtures.sync",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT.parent / "shared" / "samples"

@@ -6,6 +6,10 @@
   15 minutes) stops one client from locking out everyone by guessing emails.
 - Sessions: a random token in an HttpOnly, SameSite=Lax cookie; only its SHA-256 is stored. Absolute
   and idle expiry; revocable (sign-out, disabling an account) everywhere at once.
+- Second factor (core.accounts.mfa): a session's ``method`` says how it was earned. Staff sessions
+  count only when earned with a second factor (``MFA_METHODS``); a staff member who has not enrolled
+  yet gets an enrolment-only session (``ENROL_ONLY_METHOD``, 15 minutes) that opens nothing but
+  /auth/mfa/enrol — ``principal_from_token`` refuses it for the console.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ LOCKOUT = timedelta(minutes=15)
 ADDRESS_WINDOW = timedelta(minutes=15)
 ADDRESS_MAX_FAILURES = 30
 SEEN_WRITE_EVERY = timedelta(seconds=60)
+# Session methods (core.accounts sets the second-factor ones).
+ENROL_ONLY_METHOD = "mfa-enrol"
+ENROL_ONLY_LIFETIME = timedelta(minutes=15)
+MFA_METHODS = frozenset({"password+totp", "password+recovery", "invite+totp"})
+ENROL_FIRST = (
+    "Staff accounts need two-factor authentication before the console opens: set it up at /auth/mfa/enrol "
+    "(sign in again at /auth/login if that page says your step expired)."
+)
 GENERIC_FAILURE = (
     "Wrong email or password, or the account is locked or disabled. Check both and try again; "
     "after 5 failed attempts the account is locked for 15 minutes."
@@ -118,9 +130,11 @@ def principal_for(account: ConsoleAccount) -> Principal:
 
 
 def start_session(
-    session: Session, *, account_id: int, method: str = "password", now: datetime | None = None
+    session: Session, *, account_id: int, method: str = "password", now: datetime | None = None,
+    lifetime: timedelta | None = None,
 ) -> str:
-    """Create a server-side session and return the cookie token (shown to nobody else)."""
+    """Create a server-side session and return the cookie token (shown to nobody else). ``lifetime``
+    shortens the absolute lifetime (an enrolment-only session lasts 15 minutes)."""
     now = now or utcnow()
     account = session.get(ConsoleAccount, account_id)
     if account is None or account.disabled:
@@ -129,7 +143,8 @@ def start_session(
     settings = get_settings()
     session.add(ConsoleSession(
         token_hash=_token_hash(token), account_id=account_id, method=method, created_at=now,
-        last_seen_at=now, expires_at=now + timedelta(hours=settings.session_absolute_hours),
+        last_seen_at=now, expires_at=now + min(lifetime or timedelta(hours=settings.session_absolute_hours),
+                                               timedelta(hours=settings.session_absolute_hours)),
     ))
     record_event(session, principal=principal_for(account), action="session.start",
                  tenant_id=account.tenant_id, target=f"console_account:{account_id}",
@@ -138,9 +153,11 @@ def start_session(
     return token
 
 
-def principal_from_token(session: Session, token: str | None, *, now: datetime | None = None) -> Principal:
-    """Resolve a session cookie to its Principal, or raise SessionInvalid (missing, forged, expired,
-    idle, revoked, or the account disabled)."""
+def session_from_token(
+    session: Session, token: str | None, *, now: datetime | None = None
+) -> tuple[ConsoleSession, ConsoleAccount]:
+    """The live session row behind a cookie and its account, whatever its method (the enrolment route
+    accepts enrolment-only sessions; the console does not: use ``principal_from_token``)."""
     if not token or len(token) > 200:
         raise SessionInvalid("You are not signed in: open /auth/login to sign in.")
     now = now or utcnow()
@@ -153,6 +170,19 @@ def principal_from_token(session: Session, token: str | None, *, now: datetime |
     account = session.get(ConsoleAccount, row.account_id)
     if account is None or account.disabled:
         raise SessionInvalid("This console account is disabled: ask CRM Bridge staff to re-enable it.")
+    return row, account
+
+
+def principal_from_token(session: Session, token: str | None, *, now: datetime | None = None) -> Principal:
+    """Resolve a session cookie to its Principal, or raise SessionInvalid (missing, forged, expired,
+    idle, revoked, the account disabled, an enrolment-only session, or a staff session earned
+    without a second factor)."""
+    now = now or utcnow()
+    row, account = session_from_token(session, token, now=now)
+    if row.method == ENROL_ONLY_METHOD:
+        raise SessionInvalid(ENROL_FIRST)
+    if account.role == Role.staff.value and row.method not in MFA_METHODS:
+        raise SessionInvalid("Staff sessions need a second factor: sign in again at /auth/login.")
     if now - row.last_seen_at > SEEN_WRITE_EVERY:
         row.last_seen_at = now
         session.add(row)

@@ -29,7 +29,6 @@ from core.web import (
     esc,
     html_page,
     set_csrf_cookie,
-    set_session_cookie,
 )
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,10 @@ def _login_form(error: str | None = None, next_path: str = "/", status: int = 20
         rows = "".join(
             f"<tr><td>{esc(label)}</td><td><code>{esc(email)}</code></td></tr>" for _, email, label in DEMO_ACCOUNTS
         )
+        from core.accounts.demo import demo_mfa_note
+
         demo = (f"<p class=note><b>Demo mode.</b> Every demo account's password is "
-                f"<code>{DEMO_PASSWORD}</code>.</p><table>{rows}</table>")
+                f"<code>{DEMO_PASSWORD}</code>.</p><table>{rows}</table>{demo_mfa_note()}")
     err = f"<p class=error role=alert>{esc(error)}</p>" if error else ""
     body = f"""<h1>Sign in to CRM Bridge</h1>{err}
 <form method=post action="/auth/login">
@@ -67,6 +68,7 @@ def _login_form(error: str | None = None, next_path: str = "/", status: int = 20
 <label for=password>Password</label>
 <input id=password name=password type=password autocomplete=current-password required maxlength=1024>
 <button type=submit>Sign in</button></form>
+<p class=note><a href="/auth/reset">Forgot your password?</a></p>
 <p class=note>Tenant admins whose company uses single sign-on can sign in through it at
 <code>/sso/&lt;tenant&gt;/login</code>.</p>{demo}"""
     resp = html_page("Sign in", body, status)
@@ -75,6 +77,11 @@ def _login_form(error: str | None = None, next_path: str = "/", status: int = 20
 
 
 async def login_get(request: Request) -> Response:
+    from core.accounts.signin import enrolment_pending
+
+    with session_scope() as s:
+        if enrolment_pending(s, request.cookies.get(SESSION_COOKIE)):
+            return RedirectResponse("/auth/mfa/enrol", status_code=303)
     return _login_form(next_path=safe_next(request.query_params.get("next")))
 
 
@@ -83,17 +90,18 @@ async def login_post(request: Request) -> Response:
     next_path = safe_next(str(form.get("next") or "/"))
     if not csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf") or "")):
         return _login_form("The form expired or was not sent from this page: try signing in again.", next_path, 400)
+    from core.accounts.signin import after_password
+
     try:
         with session_scope() as s:
             account = auth.authenticate(
                 s, email=str(form.get("email") or ""), password=str(form.get("password") or ""),
                 address=client_address(request),
             )
-            token = auth.start_session(s, account_id=account.id, method="password")  # type: ignore[arg-type]
+            # second factor, enrolment-only session (staff not enrolled yet) or a console session
+            resp = after_password(s, account=account, next_path=next_path)
     except SignInFailed as exc:
         return _login_form(str(exc), next_path, 401)
-    resp = RedirectResponse(next_path, status_code=303)
-    set_session_cookie(resp, token)
     resp.delete_cookie(CSRF_COOKIE, path="/")
     return resp
 

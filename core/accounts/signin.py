@@ -1,0 +1,68 @@
+"""What happens after a correct password (called by the /auth/login route in core.tenants.routes):
+
+- an account with an active TOTP factor gets the second-factor step: a challenge token in an
+  HttpOnly cookie scoped to /auth/mfa, and a redirect there;
+- a staff account without one gets an enrolment-only session (it opens /auth/mfa/enrol and nothing
+  else; the console refuses it and says where to go);
+- anyone else gets a console session.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Session
+from starlette.responses import RedirectResponse, Response
+
+from core.accounts import mfa
+from core.errors import SessionInvalid
+from core.settings import get_settings
+from core.tenants import auth
+from core.tenants.models import ConsoleAccount
+from core.web import set_session_cookie
+
+MFA_COOKIE = "crmbridge_mfa"
+MFA_PATH = "/auth/mfa"
+
+
+def _secure() -> bool:
+    return get_settings().public_url.startswith("https://")
+
+
+def set_mfa_cookie(response: Response, token: str) -> None:
+    response.set_cookie(MFA_COOKIE, token, max_age=int(mfa.CHALLENGE_TTL.total_seconds()), httponly=True,
+                        samesite="lax", secure=_secure(), path=MFA_PATH)
+
+
+def clear_mfa_cookie(response: Response) -> None:
+    response.delete_cookie(MFA_COOKIE, path=MFA_PATH, httponly=True, samesite="lax", secure=_secure())
+
+
+def after_password(
+    session: Session, *, account: ConsoleAccount, next_path: str, now: datetime | None = None,
+) -> Response:
+    assert account.id is not None
+    if mfa.has_active_factor(session, account.id):
+        token = mfa.start_challenge(session, account_id=account.id, next_path=next_path, now=now)
+        resp: Response = RedirectResponse(MFA_PATH, status_code=303)
+        set_mfa_cookie(resp, token)
+        return resp
+    if mfa.mfa_required(account):
+        session_token = auth.start_session(session, account_id=account.id, method=auth.ENROL_ONLY_METHOD,
+                                           lifetime=auth.ENROL_ONLY_LIFETIME, now=now)
+    else:
+        session_token = auth.start_session(session, account_id=account.id, method="password", now=now)
+    resp = RedirectResponse(next_path, status_code=303)
+    set_session_cookie(resp, session_token)
+    return resp
+
+
+def enrolment_pending(session: Session, token: str | None) -> bool:
+    """True when ``token`` is a live enrolment-only session (the sign-in page sends it to enrolment)."""
+    if not token:
+        return False
+    try:
+        row, _ = auth.session_from_token(session, token)
+    except SessionInvalid:
+        return False
+    return row.method == auth.ENROL_ONLY_METHOD

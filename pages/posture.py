@@ -1,0 +1,84 @@
+"""Posture: a tenant's maturity level, its single next step, and its findings by severity with evidence.
+
+Tenant admins see their own tenant; staff pick any tenant in the sidebar.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.db import session_scope
+from core.errors import CrmBridgeError
+from core.posture.maturity import LEVELS
+from core.posture.rules import Severity
+from core.posture.service import get_posture
+from pages._common import principal, selected_tenant_id, show_error
+
+WHO = {"tenant_admin": "Tenant admin", "customer_success": "Customer success", "sales": "Sales"}
+ICON = {"blocking": ":material/block:", "high": ":material/error:", "medium": ":material/warning:",
+        "low": ":material/info:", "info": ":material/info:"}
+
+p = principal()
+if not (p.is_staff or p.is_tenant_admin):
+    st.title("Posture")
+    st.info("Posture is shown per tenant, to CRM Bridge staff and each tenant's admins. "
+            "Cross-tenant figures are on the Adoption page.")
+    st.stop()
+
+tenant_id = selected_tenant_id(p)
+if tenant_id is None:
+    st.stop()
+try:
+    with session_scope() as s:
+        report = get_posture(session=s, principal=p, tenant_id=tenant_id)
+except CrmBridgeError as exc:
+    show_error(exc)
+    st.stop()
+
+m = report.maturity
+st.title(f"Posture — {report.name}")
+cols = st.columns(3)
+cols[0].metric("Maturity level", f"{m.level} of 4", help=m.meaning)
+cols[1].metric("Level", m.name)
+counts = {sev: len(fs) for sev, fs in report.by_severity().items()}
+cols[2].metric("Blocking / high findings", f"{counts.get('blocking', 0)} / {counts.get('high', 0)}")
+
+st.caption(" → ".join(f"**{lvl} {name}**" if lvl == m.level else f"{lvl} {name}" for lvl, (name, _) in LEVELS.items()))
+
+step = m.next_step
+if step is None:
+    st.success("Top level: no stored passwords, SSO tested, and every write attributed to its real actor.")
+else:
+    st.subheader(f"Next step → level {step.to_level}")
+    st.info(f"**{step.title}**\n\n{step.action}\n\nWho acts: **{WHO.get(step.who, step.who)}**"
+            + (f" · {step.steps_left} steps before level {step.to_level}" if step.steps_left > 1 else ""))
+
+st.subheader(report.world.title)
+st.markdown(report.world.explanation)
+if report.world.evidence:
+    with st.expander("Catalog facts behind this"):
+        st.dataframe([{"Fact": e.label, "Value": e.value, "Source": e.source or ""} for e in report.world.evidence],
+                     hide_index=True, width="stretch")
+
+st.subheader(f"Findings ({len(report.findings)})")
+if not report.findings:
+    st.success("No findings.")
+for sev in Severity:
+    found = report.by_severity().get(sev.value, [])
+    if not found:
+        continue
+    st.markdown(f"#### {sev.value.title()} ({len(found)})")
+    for f in found:
+        with st.container(border=True):
+            st.markdown(f"{ICON.get(sev.value, '')} **{f.title}**")
+            st.markdown(f"**Do:** {f.action}")
+            st.markdown(f"**Who acts:** {WHO.get(f.who, f.who)} · **Unlocks:** {f.unlocks}")
+            st.dataframe([{"Evidence": e.label, "Value": e.value, "Source": e.source or ""} for e in f.evidence],
+                         hide_index=True, width="stretch")
+            if f.affected:
+                st.caption(f"Users affected ({len(f.affected)}): " + ", ".join(f.affected))
+
+if report.catalog_gaps:
+    st.caption("Facts missing from the provider catalog (advice is limited until they are added): "
+               + "; ".join(report.catalog_gaps))
+st.caption(f"As of {report.taken_at:%Y-%m-%d %H:%M} UTC.")
