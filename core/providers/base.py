@@ -5,6 +5,12 @@ from the caller (an ``httpx.Client``, a zeep ``Transport``, a ``requests.Session
 error to ``core.errors`` in one place, and reports API usage from the vendor's own signals.
 Providers never import ``core.tenants`` or pages: the caller hands in the account's settings and the
 secret (from inside ``vault.use()``), and gets plain dataclasses back.
+
+Construction contract (see ``core.providers.config``): ``cls(*, account, credential, transport,
+on_auth_failure=None, on_credential_update=None, clock=utcnow)``. ``ProviderBase`` implements it;
+subclass it. Providers that support the per-user OAuth web-server flow also implement
+``AuthorizationCodeSupport`` (class methods, used by the callback route before any account secret
+exists for the user).
 """
 
 from __future__ import annotations
@@ -14,7 +20,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from core.clock import Clock, utcnow
+from core.errors import AuthenticationFailed, RecordError
+
+if TYPE_CHECKING:
+    from core.providers.config import (
+        AccountConfig,
+        AuthFailureCallback,
+        Credential,
+        CredentialUpdateCallback,
+        HttpTransport,
+    )
 
 
 @dataclass
@@ -26,6 +44,7 @@ class StepResult:
     detail: str = ""
     fix: str | None = None
     latency_ms: float | None = None
+    code: str | None = None  # the vendor's error code when the step failed (INVALID_LOGIN, 429, …)
 
 
 @dataclass
@@ -123,6 +142,15 @@ class PushResult:
     error: str | None = None
     error_code: str | None = None
 
+    def raise_for_error(self) -> None:
+        """Raise RecordError naming the record when this change failed."""
+        if not self.ok:
+            raise RecordError(
+                f"The CRM rejected record {self.idempotency_key}: {self.error or self.error_code}",
+                record_key=self.idempotency_key,
+                code=self.error_code,
+            )
+
 
 @dataclass
 class PullPage:
@@ -169,3 +197,70 @@ class Provider(ABC):
     @property
     def auth_calls_made(self) -> int:
         return getattr(self, "_auth_calls", 0)
+
+
+@dataclass
+class TokenGrant:
+    """What an OAuth token endpoint returned (the secrets stay inside; never log this object)."""
+
+    access_token: str
+    instance_url: str | None = None
+    refresh_token: str | None = None
+    identity_url: str | None = None
+    expires_in: int | None = None
+    scope: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # never print tokens
+        return f"TokenGrant(instance_url={self.instance_url!r}, refresh={'yes' if self.refresh_token else 'no'})"
+
+
+@runtime_checkable
+class AuthorizationCodeSupport(Protocol):
+    """Per-user OAuth (web-server flow + PKCE) for a provider class; used by core.providers.routes."""
+
+    @classmethod
+    def authorization_url(
+        cls, account: AccountConfig, *, redirect_uri: str, state: str, code_challenge: str,
+        login_hint: str | None = None,
+    ) -> str: ...
+
+    @classmethod
+    def exchange_code(
+        cls, account: AccountConfig, credential: Credential, transport: HttpTransport, *,
+        code: str, code_verifier: str, redirect_uri: str,
+    ) -> TokenGrant: ...
+
+
+class ProviderBase(Provider):
+    """Holds what the constructor contract hands in and reports per-user auth failures once."""
+
+    def __init__(
+        self,
+        *,
+        account: AccountConfig,
+        credential: Credential,
+        transport: HttpTransport,
+        on_auth_failure: AuthFailureCallback | None = None,
+        on_credential_update: CredentialUpdateCallback | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.account = account
+        self._credential = credential
+        self.transport = transport
+        self._on_auth_failure = on_auth_failure
+        self._on_credential_update = on_credential_update
+        self._clock = clock
+        self._calls = 0
+        self._auth_calls = 0
+        self._auth_failure_reported = False
+
+    def _auth_failed(self, exc: AuthenticationFailed) -> AuthenticationFailed:
+        """Report a definitive rejection of a per-user credential (once), then return ``exc`` to raise."""
+        if self.account.is_per_user and self._on_auth_failure and not self._auth_failure_reported:
+            self._auth_failure_reported = True
+            self._on_auth_failure(exc)
+        return exc
+
+    def __repr__(self) -> str:  # never show the credential
+        return f"{type(self).__name__}(account={self.account.label or self.account.instance_url!r})"

@@ -1,0 +1,161 @@
+"""Shared page pieces for CRM accounts (the tenant page calls them):
+
+- ``render_add_crm_account(tenant_id)`` — a form generated from the provider catalog; secret fields
+  are handed to the core service (which puts them in the vault) and the form clears itself, so no
+  secret stays in session state or on the page;
+- ``render_connection_test(account_id)`` — the last stored test and a "Test connection" button, each
+  step with its result and the fix;
+- ``render_quota(account_id)`` — the API-quota gauge and the forecast of when the allocation runs out.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.clock import utcnow
+from core.db import session_scope
+from core.errors import CrmBridgeError
+from core.providers import service
+from core.providers.catalog import FieldSpec, get_catalog
+from pages._common import ago, principal, show_error
+
+STATUS_COLOURS = {"ok": "#16a34a", "warning": "#d97706", "critical": "#dc2626", "exhausted": "#7f1d1d",
+                  "unknown": "#94a3b8"}
+
+
+def _field_widget(f: FieldSpec, key: str) -> str | None:
+    label = f.title + ("" if f.required else " (optional)")
+    helptext = f.help or None
+    if f.type == "select" and f.options:
+        return st.selectbox(label, f.options, help=helptext, key=key)
+    if f.type == "text":
+        return st.text_area(label, help=helptext, key=key, placeholder=f.example or "")
+    return st.text_input(label, type="password" if f.secret else "default", help=helptext, key=key,
+                         placeholder=(f.example or f.default or "") if not f.secret else "")
+
+
+def render_add_crm_account(tenant_id: int) -> None:
+    p = principal()
+    cat = get_catalog()
+    st.markdown("**Add a CRM account**")
+    c1, c2, c3 = st.columns(3)
+    slug = c1.selectbox("CRM", cat.slugs(), format_func=lambda s: cat.provider(s).name,
+                        key=f"crm_add_provider_{tenant_id}")
+    entry = cat.provider(slug)
+    edition = c2.selectbox("Edition", list(entry.editions), format_func=lambda e: entry.editions[e].name,
+                           key=f"crm_add_edition_{tenant_id}_{slug}")
+    modes = {m.mode: m for m in entry.auth_modes}
+    mode_id = c3.selectbox("How CRM Bridge signs in", list(modes), format_func=lambda m: modes[m].title,
+                           key=f"crm_add_mode_{tenant_id}_{slug}")
+    mode = modes[mode_id]
+    facts = entry.edition(edition)
+    if facts.api_access.value == "none":
+        st.warning(f"{entry.name} {facts.name} has no API access: CRM Bridge cannot sync it. "
+                   "Upgrade the edition first.")
+    elif facts.api_access.value == "add_on":
+        st.info(f"{entry.name} {facts.name} needs the API add-on; without it every call fails.")
+    if mode.status == "retiring" and mode.retirement is not None:
+        st.warning(f"Retiring: {mode.retirement.what} ends in {mode.retirement.when}. {mode.help}")
+    elif mode.help:
+        st.caption(mode.help)
+
+    prefix = f"crm_add_{tenant_id}_{slug}_{mode_id}"
+    with st.form(prefix, clear_on_submit=True):
+        label = st.text_input("Label", max_chars=120, placeholder="e.g. EMEA sales", key=f"{prefix}_label")
+        values: dict[str, str | None] = {}
+        for f in cat.form_fields(slug, mode_id):
+            values[f.name] = _field_widget(f, f"{prefix}_{f.name}")
+        if mode.user_fields:
+            st.caption("Each user enters " + ", ".join(f.title.lower() for f in mode.user_fields)
+                       + " through their own connect link, never here.")
+        submitted = st.form_submit_button("Add CRM account")
+    if submitted:
+        try:
+            with session_scope() as s:
+                acc = service.add_crm_account(session=s, principal=p, tenant_id=tenant_id, provider=slug,
+                                              edition=edition, label=label or "", auth_mode=mode_id, values=values)
+                added = acc.label
+            st.success(f"Added {added}. Secret fields went to the vault. Next: test the connection.")
+        except CrmBridgeError as exc:
+            show_error(exc)
+        finally:
+            values.clear()
+            # the form clears itself in the browser; drop the submitted secrets from the server side too
+            for f in cat.form_fields(slug, mode_id):
+                if f.secret:
+                    st.session_state.pop(f"{prefix}_{f.name}", None)
+
+
+def _show_steps(steps: list, *, ok: bool | None) -> None:
+    for step in steps:
+        name = step.name.replace("_", " ").capitalize()
+        timing = f" ({step.latency_ms:.0f} ms)" if step.latency_ms is not None else ""
+        if step.ok:
+            st.success(f"**{name}**{timing}: {step.detail}")
+        else:
+            st.error(f"**{name}**: {step.detail}" + (f"\n\n**Fix:** {step.fix}" if step.fix else ""))
+
+
+def render_connection_test(account_id: int) -> None:
+    p = principal()
+    if st.button("Test connection", key=f"crm_test_{account_id}"):
+        with st.spinner("Testing against the CRM…"):
+            try:
+                with session_scope() as s:
+                    service.test_crm_account(session=s, principal=p, account_id=account_id)
+            except CrmBridgeError as exc:
+                show_error(exc)
+    try:
+        with session_scope() as s:
+            last = service.last_connection_test(session=s, principal=p, account_id=account_id)
+    except CrmBridgeError as exc:
+        show_error(exc)
+        return
+    if last.at is None:
+        st.caption("Not tested yet.")
+        return
+    verdict = "passed" if last.ok else "failed"
+    extra = f" as {last.identity}" if last.identity else ""
+    edition = f" · detected edition **{last.detected_edition}**" if last.detected_edition else ""
+    st.markdown(f"Last connection test **{verdict}** {ago(last.at)}{extra}{edition}")
+    _show_steps(last.steps, ok=last.ok)
+
+
+def render_quota(account_id: int) -> None:
+    p = principal()
+    now = utcnow()
+    try:
+        with session_scope() as s:
+            gauge = service.quota_gauge(session=s, principal=p, account_id=account_id, now=now)
+    except CrmBridgeError as exc:
+        show_error(exc)
+        return
+    if gauge.used is None or not gauge.limit:
+        st.caption("API quota: " + gauge.forecast_text(now))
+        return
+    colour = STATUS_COLOURS.get(gauge.status, "#94a3b8")
+    fig = go.Figure(go.Indicator(
+        mode="gauge+number",
+        value=gauge.used,
+        number={"valueformat": ",d", "suffix": f" / {gauge.limit:,}"},
+        title={"text": f"API requests ({gauge.window})"},
+        gauge={
+            "axis": {"range": [0, gauge.limit]},
+            "bar": {"color": colour},
+            "steps": [{"range": [0, gauge.limit * 0.75], "color": "#f1f5f9"},
+                      {"range": [gauge.limit * 0.75, gauge.limit * 0.9], "color": "#fef3c7"},
+                      {"range": [gauge.limit * 0.9, gauge.limit], "color": "#fee2e2"}],
+            "threshold": {"line": {"color": "#7f1d1d", "width": 3}, "value": gauge.limit},
+        },
+    ))
+    fig.update_layout(height=240, margin={"l": 20, "r": 20, "t": 50, "b": 10})
+    st.plotly_chart(fig, key=f"quota_{account_id}", width="stretch")
+    text = gauge.forecast_text(now)
+    if gauge.status in {"critical", "exhausted"}:
+        st.error(text)
+    elif gauge.status == "warning":
+        st.warning(text)
+    else:
+        st.caption(text)
+    st.caption(f"Read from the CRM {ago(gauge.observed_at, now)}.")
