@@ -11,6 +11,7 @@ import streamlit as st
 from starlette.routing import BaseRoute
 
 from core.settings import get_settings
+from core.wiring import wire
 
 log = logging.getLogger("crmbridge.server")
 HERE = Path(__file__).resolve().parent
@@ -54,6 +55,7 @@ def startup_checks() -> None:
         sweep(get_engine())
 
 
+wire()
 app = st.App(str(HERE / "dashboard.py"), routes=collect_routes())
 
 if __name__ == "__main__":

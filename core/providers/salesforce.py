@@ -86,6 +86,9 @@ from core.providers.config import (
 )
 
 log = logging.getLogger(__name__)
+# zeep logs every SOAP envelope at DEBUG on "zeep.transports": login() passwords, security tokens and
+# session ids. Pin that logger above DEBUG so turning the root logger to DEBUG never writes secrets.
+logging.getLogger("zeep.transports").setLevel(logging.INFO)
 
 WSDL_PATH = Path(__file__).resolve().parent / "wsdl" / "partner.wsdl"
 BINDING = "{urn:partner.soap.sforce.com}SoapBinding"

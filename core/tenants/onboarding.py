@@ -121,14 +121,17 @@ def _check_users(session: Session, tenant: Tenant) -> tuple[bool, str]:
 
 def _check_sso_default(session: Session, tenant: Tenant) -> tuple[bool, str]:
     try:
-        from core.sso import service as sso_service
+        from core.sso.service import sso_summary
     except ImportError:
         return False, "SSO is not available in this build"
-    tested = getattr(sso_service, "sso_tested", None)
-    if tested is None:
-        return False, "SSO status unavailable"
-    ok = bool(tested(session, tenant_id=tenant.id))
-    return ok, "SSO tested with a valid response" if ok else "SSO not tested yet: import metadata and run a test login"
+    summary = sso_summary(session=session, principal=Principal.system("onboarding"), tenant_id=tenant.id)  # type: ignore[arg-type]
+    if not summary["configured"]:
+        return False, "no IdP metadata imported yet: import it on the SSO page"
+    if summary["tested"]:
+        return True, "SSO tested with a valid response"
+    if summary["last_test_ok"] is False:
+        return False, "the last test login failed: see its trace on the SSO page"
+    return False, "metadata imported, test login not run yet"
 
 
 CHECKS: dict[str, Check] = {

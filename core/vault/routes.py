@@ -1,0 +1,261 @@
+"""Connect-link pages, served beside the console (outside its sign-in): ``GET/POST /connect/{token}``
+and ``GET /connect/{token}/oauth``.
+
+Plain HTML forms: the secret goes from the form straight into the vault and never passes through
+Streamlit widgets or session state. Every form carries a CSRF token bound to the link and to a
+cookie set with the page (SameSite=Strict, path /connect/). Pages are never cached and send no
+referrer (the token is in the URL). Every absolute URL comes from CRMBRIDGE_PUBLIC_URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import datetime
+
+from pydantic import SecretStr
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from core.clock import utcnow
+from core.db import session_scope
+from core.errors import ConfigurationError, CrmBridgeError, InvalidInput, LinkInvalid
+from core.settings import get_settings
+from core.vault import connect
+from core.vault.connect import LinkView, SsoGateRequest, SubmitResult
+from core.web import csrf_ok, csrf_token_for, esc, html_page
+
+log = logging.getLogger("crmbridge.vault.routes")
+
+CSRF_COOKIE = "crmbridge_connect_csrf"
+MAX_BODY = 16 * 1024
+PROVIDER_NAMES = {"salesforce": "Salesforce", "dynamics-365": "Dynamics 365", "hubspot": "HubSpot"}
+
+
+def _crm(view: LinkView) -> str:
+    return PROVIDER_NAMES.get(view.provider, view.provider)
+
+
+def _binding(nonce: str, token: str) -> str:
+    return f"{nonce}|{connect.token_hash(token)}"
+
+
+def _page(title: str, body: str, *, token: str | None = None, status: int = 200) -> Response:
+    """An HTML page; with ``token`` its forms get a fresh CSRF token and the matching cookie."""
+    nonce = secrets.token_urlsafe(24)
+    csrf = csrf_token_for(_binding(nonce, token)) if token else ""
+    resp = html_page(title, body.replace("{csrf}", esc(csrf)), status_code=status)
+    resp.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; style-src 'unsafe-inline'; form-action {_origin()}; frame-ancestors 'none'"
+    )
+    if token:
+        resp.set_cookie(CSRF_COOKIE, nonce, max_age=3600, httponly=True, samesite="strict",
+                        secure=get_settings().public_url.startswith("https://"), path="/connect/")
+    return resp
+
+
+def _origin() -> str:
+    url = get_settings().public_url.rstrip("/")
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _when(dt: datetime | None) -> str:
+    return f"{dt:%Y-%m-%d %H:%M} UTC" if dt else "—"
+
+
+def _revoke_form(view: LinkView, action: str) -> str:
+    if view.held is None:
+        return ""
+    return (
+        f"<h2>What we hold now</h2><p>Your {esc(_crm(view))} login for <b>{esc(view.account_label)}</b>, stored "
+        f"{esc(_when(view.held.stored_at))}, self-destructs by {esc(_when(view.held.ends_at))} at the latest.</p>"
+        f"<form method=post action='{esc(action)}'><input type=hidden name=csrf value='{{csrf}}'>"
+        "<input type=hidden name=action value=revoke><button type=submit>Revoke it now</button></form>"
+    )
+
+
+def _explain(view: LinkView) -> str:
+    p = view.policy
+    crm = esc(_crm(view))
+    return (
+        f"<p><b>{esc(view.tenant_name)}</b> uses CRM Bridge to sync your opportunities with "
+        f"<b>{esc(view.account_label)}</b> ({crm}). Your company has no spare API user there, so CRM Bridge "
+        f"acts in {crm} with your own login.</p>"
+        "<h2>What will be stored</h2><ul>"
+        f"<li>Your {crm} username and password (and security token, if you give one), encrypted with a key that "
+        f"belongs to {esc(view.tenant_name)} alone. Nobody at CRM Bridge can read them.</li>"
+        f"<li>We test them once against {crm} first; they must log in as you ({esc(view.user_email)}).</li></ul>"
+        "<h2>For how long</h2><ul>"
+        f"<li>At most {p.password_ttl_days} days; then you will be asked again.</li>"
+        f"<li>They self-destruct earlier: the first time {crm} rejects them (for example after you change your "
+        f"password), when unused for {p.idle_days} days, when you or your admin revoke them, or when your company "
+        "moves to an API user.</li></ul>"
+        "<h2>How to revoke</h2><p>Open this link again at any time and press <b>Revoke it now</b>, or ask your "
+        "admin.</p>"
+    )
+
+
+def _form(view: LinkView, token: str, *, error: str = "") -> str:
+    action = get_settings().public(f"/connect/{token}")
+    crm = esc(_crm(view))
+    token_field = (
+        "<label for=security_token>Security token (only if your company requires it)</label>"
+        "<input type=password id=security_token name=security_token autocomplete=off>"
+        if view.provider == "salesforce" else ""
+    )
+    oauth = (f"<p><a href='{esc(get_settings().public(f'/connect/{token}/oauth'))}'>Sign in with {crm} "
+             "instead</a></p>" if view.oauth else "")
+    return (
+        (f"<p class=error>{esc(error)}</p>" if error else "")
+        + f"<form method=post action='{esc(action)}'><input type=hidden name=csrf value='{{csrf}}'>"
+        "<input type=hidden name=action value=store>"
+        f"<label for=username>{crm} username</label>"
+        "<input type=text id=username name=username autocomplete=username required maxlength=254>"
+        f"<label for=password>{crm} password</label>"
+        "<input type=password id=password name=password autocomplete=current-password required maxlength=1024>"
+        + token_field
+        + "<button type=submit>Test and store</button></form>"
+        + oauth
+        + f"<p class=note>This link works once and expires {esc(_when(view.expires_at))}.</p>"
+    )
+
+
+def _link_page(view: LinkView, token: str, *, error: str = "", status: int = 200) -> Response:
+    action = get_settings().public(f"/connect/{token}")
+    title = f"Connect {_crm(view)} for {view.user_name}"
+    if view.is_open:
+        body = f"<h1>{esc(title)}</h1>" + _explain(view) + _form(view, token, error=error)
+    else:
+        status = 410 if status == 200 else status
+        body = (f"<h1>{esc(title)}</h1>" + (f"<p class=error>{esc(error)}</p>" if error else "")
+                + f"<p class=error>{esc(connect.closed_message(view))}</p>")
+    return _page(title, body + _revoke_form(view, action), token=token, status=status)
+
+
+def _invalid(message: str, status: int = 404) -> Response:
+    return _page("Connect link", f"<h1>This link cannot be used</h1><p class=error>{esc(message)}</p>",
+                 status=status)
+
+
+def _gate(view: LinkView, token: str, request: Request) -> str | None:
+    gate = connect.sso_gate()
+    if gate is None:
+        return None
+    return gate(SsoGateRequest(tenant_id=view.tenant_id, app_user_id=view.app_user_id, app_user_email=view.user_email,
+                               link_url=get_settings().public(f"/connect/{token}"), request=request))
+
+
+def _get(request: Request, token: str, now: datetime) -> Response:
+    try:
+        with session_scope() as s:
+            view = connect.open_link(s, token, now=now)
+    except LinkInvalid as exc:
+        return _invalid(str(exc))
+    if view.is_open:
+        redirect = _gate(view, token, request)
+        if redirect:
+            return RedirectResponse(redirect, status_code=303)
+    return _link_page(view, token)
+
+
+def _refused(token: str, reason: str, now: datetime) -> None:
+    try:
+        with session_scope() as s:
+            connect.refuse(s, token, reason=reason, now=now)
+    except LinkInvalid:
+        pass
+
+
+def _post(request: Request, token: str, form: dict[str, str], now: datetime) -> Response:
+    if not connect.authentic(token):
+        return _invalid(connect.FORGED)
+    nonce = request.cookies.get(CSRF_COOKIE)
+    if not nonce or not csrf_ok(_binding(nonce, token), form.get("csrf")):
+        _refused(token, "csrf", now)
+        return _page("Connect link", "<h1>Please try again</h1><p class=error>This form expired or was sent from "
+                     "another site. Open your connect link again and resubmit.</p>", status=403)
+    action = form.get("action")
+    if action == "revoke":
+        try:
+            with session_scope() as s:
+                held = connect.revoke_via_link(s, token, now=now)
+        except LinkInvalid as exc:
+            return _invalid(str(exc))
+        text = ("CRM Bridge no longer holds your CRM login; syncing on your behalf has stopped. To connect again, "
+                "ask your admin for a new connect link." if held else "CRM Bridge holds no CRM login of yours for "
+                "this account: there was nothing to revoke.")
+        return _page("Revoked", f"<h1>{'Revoked' if held else 'Nothing to revoke'}</h1><p>{esc(text)}</p>")
+    if action != "store":
+        return _invalid("Unknown action: use the buttons on the connect page.", status=400)
+    try:
+        with session_scope() as s:
+            view = connect.open_link(s, token, now=now, audit=False)
+    except LinkInvalid as exc:
+        return _invalid(str(exc))
+    if view.is_open and _gate(view, token, request):
+        _refused(token, "sso", now)
+        return _invalid("Sign in with your company's single sign-on first: open your connect link again.", 403)
+    password = SecretStr(form.get("password", ""))
+    try:
+        result: SubmitResult = connect.submit_link(
+            token, username=form.get("username", ""), password=password,
+            security_token=SecretStr(form.get("security_token", "")), now=now)
+    except LinkInvalid as exc:
+        with session_scope() as s:
+            view = connect.open_link(s, token, now=now, audit=False)
+        return _link_page(view, token, error=str(exc), status=410)
+    except InvalidInput as exc:
+        return _link_page(view, token, error=str(exc), status=400)
+    except ConfigurationError as exc:
+        return _invalid(str(exc), status=503)
+    if not result.ok:
+        left = f" {result.attempts_left} attempt(s) left on this link." if result.attempts_left is not None else ""
+        with session_scope() as s:
+            view = connect.open_link(s, token, now=now, audit=False)
+        return _link_page(view, token, error=result.message + left, status=400)
+    body = (
+        f"<h1>Connected</h1><p>{esc(result.message)}</p><p>CRM Bridge now acts in {esc(_crm(view))} as "
+        f"{esc(view.user_email)}. The login self-destructs by {esc(_when(result.expires_at))} at the latest, on "
+        f"the first rejected login, or after {view.policy.idle_days} days unused.</p>"
+        "<p>To revoke it, open this link again and press <b>Revoke it now</b>.</p>"
+    )
+    return _page("Connected", body)
+
+
+async def connect_page(request: Request) -> Response:
+    token = request.path_params["token"]
+    now = utcnow()
+    try:
+        if request.method == "GET":
+            return await run_in_threadpool(_get, request, token, now)
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return _invalid("The form is too large.", status=413)
+        raw = await request.form(max_files=0, max_fields=10)
+        form = {k: v for k, v in raw.items() if isinstance(v, str)}
+        return await run_in_threadpool(_post, request, token, form, now)
+    except CrmBridgeError as exc:
+        log.warning("connect link: %s", type(exc).__name__)
+        return _invalid(str(exc), status=400)
+
+
+async def connect_oauth(request: Request) -> Response:
+    token = request.path_params["token"]
+
+    def start() -> Response:
+        try:
+            with session_scope() as s:
+                url = connect.oauth_start_url(s, token, now=utcnow())
+        except LinkInvalid as exc:
+            return _invalid(str(exc))
+        return RedirectResponse(url, status_code=303)
+
+    return await run_in_threadpool(start)
+
+
+routes: list[BaseRoute] = [
+    Route("/connect/{token}", connect_page, methods=["GET", "POST"]),
+    Route("/connect/{token}/oauth", connect_oauth, methods=["GET"]),
+]
