@@ -1,0 +1,142 @@
+"""The SAML SP endpoints beside the console (mounted by server.py through ``st.App(routes=...)``):
+
+    GET  /sso/{tenant}/metadata   the tenant's signed SP metadata
+    GET  /sso/{tenant}/login      SP-initiated console sign-in (``?next=/relative/path``)
+    GET  /sso/{tenant}/test       start a test login (needs a console session of staff or that tenant's admin)
+    POST /sso/{tenant}/acs        the assertion consumer service
+
+Every absolute URL comes from CRMBRIDGE_PUBLIC_URL (core.sso.sp.sp_endpoints), never from the Host
+header. Database and crypto work runs in the thread pool, one transaction per request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from core.db import session_scope
+from core.errors import CrmBridgeError, NotFound, SessionInvalid
+from core.sso import service
+from core.sso.sp import MAX_RESPONSE_B64, AuthnStart
+from core.web import SESSION_COOKIE, esc, html_page, set_session_cookie
+
+log = logging.getLogger(__name__)
+
+MAX_ACS_BODY = MAX_RESPONSE_B64 * 2 + 16_384  # form-encoding can double base64's size
+
+
+def _error_page(title: str, message: str, fix: str, status: int) -> Response:
+    body = (f"<h1>{esc(title)}</h1><p class=error role=alert>{esc(message)}</p>"
+            + (f"<p>{esc(fix)}</p>" if fix else "")
+            + "<p class=note><a href='/auth/login'>Sign in with a password</a></p>")
+    return html_page(title, body, status)
+
+
+def _send_to_idp(start: AuthnStart) -> Response:
+    """Redirect binding: 302 to the IdP. POST binding: an auto-submitting form (POST-only IdPs)."""
+    if not start.form:
+        resp: Response = RedirectResponse(start.url, status_code=302)
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+    inputs = "".join(f"<input type=hidden name='{esc(k)}' value='{esc(v)}'>" for k, v in start.form.items())
+    body = (f"<h1>Signing in…</h1><form id=saml method=post action='{esc(start.url)}'>{inputs}"
+            "<noscript><button type=submit>Continue to your identity provider</button></noscript></form>"
+            "<script>document.getElementById('saml').submit()</script>")
+    return html_page("Signing in", body)
+
+
+async def metadata(request: Request) -> Response:
+    slug = request.path_params["tenant"]
+
+    def work() -> str:
+        with session_scope() as s:
+            return service.sp_metadata(session=s, tenant_slug=slug)
+
+    try:
+        xml = await run_in_threadpool(work)
+    except NotFound:
+        return Response("Unknown tenant.", status_code=404, media_type="text/plain")
+    return Response(xml, media_type="application/samlmetadata+xml",
+                    headers={"Content-Disposition": f'inline; filename="crmbridge-sp-{slug}.xml"'})
+
+
+async def login(request: Request) -> Response:
+    slug = request.path_params["tenant"]
+    relay = request.query_params.get("next")
+
+    def work() -> AuthnStart:
+        with session_scope() as s:
+            return service.start_login(session=s, tenant_slug=slug, relay_state=relay)
+
+    try:
+        start = await run_in_threadpool(work)
+    except CrmBridgeError as exc:
+        return _error_page("Single sign-on", str(exc), "", 404)
+    return _send_to_idp(start)
+
+
+async def test(request: Request) -> Response:
+    slug = request.path_params["tenant"]
+    token = request.cookies.get(SESSION_COOKIE)
+
+    def work() -> AuthnStart:
+        from core.tenants.auth import principal_from_token
+        from core.tenants.service import get_tenant_by_slug
+
+        with session_scope() as s:
+            principal = principal_from_token(s, token)
+            tenant = get_tenant_by_slug(session=s, principal=principal, slug=slug)
+            return service.start_test_login(session=s, principal=principal, tenant_id=tenant.id)  # type: ignore[arg-type]
+
+    try:
+        start = await run_in_threadpool(work)
+    except SessionInvalid:
+        return RedirectResponse(f"/auth/login?next=/sso/{slug}/test", status_code=303)
+    except CrmBridgeError as exc:
+        return _error_page("Test login", str(exc), "", 403)
+    return _send_to_idp(start)
+
+
+async def acs(request: Request) -> Response:
+    slug = request.path_params["tenant"]
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_ACS_BODY):
+        return _error_page("Single sign-on", "The SAML response is too large.", "Sign in again.", 413)
+    try:
+        form = await request.form(max_files=0, max_fields=20, max_part_size=MAX_ACS_BODY)
+    except Exception:
+        return _error_page("Single sign-on", "The request is not a SAML POST.", "Sign in again.", 400)
+    saml_response = form.get("SAMLResponse")
+    relay = form.get("RelayState")
+    if not isinstance(saml_response, str) or not saml_response:
+        return _error_page("Single sign-on", "No SAMLResponse was posted.", "Sign in again from the IdP.", 400)
+
+    def work() -> service.AcsOutcome:
+        with session_scope() as s:
+            return service.consume_response(session=s, tenant_slug=slug, saml_response=saml_response,
+                                            relay_state=relay if isinstance(relay, str) else None)
+
+    try:
+        outcome = await run_in_threadpool(work)
+    except CrmBridgeError as exc:  # configuration problems (keys), never a bad response
+        log.warning("sso: ACS for %s failed: %s", slug, exc)
+        return _error_page("Single sign-on", str(exc), "", 500)
+    if outcome.purpose == service.PURPOSE_TEST and outcome.redirect:
+        return RedirectResponse(outcome.redirect, status_code=303)
+    if outcome.ok and outcome.token and outcome.redirect:
+        resp = RedirectResponse(outcome.redirect, status_code=303)
+        set_session_cookie(resp, outcome.token)
+        return resp
+    return _error_page("Single sign-on failed", outcome.message, outcome.fix, outcome.status_code or 403)
+
+
+routes: list[BaseRoute] = [
+    Route("/sso/{tenant}/metadata", metadata, methods=["GET"]),
+    Route("/sso/{tenant}/login", login, methods=["GET"]),
+    Route("/sso/{tenant}/test", test, methods=["GET"]),
+    Route("/sso/{tenant}/acs", acs, methods=["POST"]),
+]

@@ -1,0 +1,33 @@
+"""Shared page piece: a tenant's SSO state for the onboarding wizard (import and test live on the SSO page)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.db import session_scope
+from core.errors import CrmBridgeError
+from core.sso.service import get_status
+from core.tenants.service import get_tenant
+from pages._common import ago, principal, show_error
+
+
+def render_sso_status(tenant_id: int) -> None:
+    p = principal()
+    try:
+        with session_scope() as s:
+            status = get_status(session=s, principal=p, tenant_id=tenant_id)
+            slug = get_tenant(session=s, principal=p, tenant_id=tenant_id).slug
+    except CrmBridgeError as exc:
+        show_error(exc)
+        return
+    if not status.configured:
+        st.info("No IdP metadata yet. Open **SSO** in the sidebar to import it (upload or URL) and see its lint.")
+        return
+    st.markdown(f"IdP **{status.idp_entity_id}** · SSO endpoint `{status.sso_url}` ({status.sso_binding})")
+    if status.tested:
+        st.success(f"Test login passed {ago(status.tested_at)}.")
+    elif status.last_test_ok is False:
+        st.error("The last test login failed: its trace on the SSO page says which check failed and how to fix it.")
+    else:
+        st.warning("Metadata imported; the test login has not been run yet.")
+    st.link_button("Run a test login", f"/sso/{slug}/test")
