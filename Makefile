@@ -18,7 +18,6 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	CRMBRIDGE_DEMO=1 $(BIN)/crmbridge db upgrade
-	CRMBRIDGE_DEMO=1 $(BIN)/crmbridge demo load --if-empty
 	CRMBRIDGE_DEMO=1 $(BIN)/python -m core.runner
 
 test: $(STAMP)

@@ -36,6 +36,10 @@ def main() -> int:
         ca_file = line.split()[-1]
         env["CRMBRIDGE_SANDBOX_CA_FILE"] = ca_file
         log.info("CRM sandbox: %s (CA %s)", line.split()[2], ca_file)
+        # The demo loads once the sandbox answers: SSO imports its IdP metadata, providers test logins.
+        demo = subprocess.run([sys.executable, "-m", "core", "demo", "load", "--if-empty"], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        log.info("%s", (demo.stdout or demo.stderr).strip())
     log.info("CRM Bridge console: %s", settings.public_url)
     console = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=ROOT, env=env)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ def serve(
     if not _loopback(host):
         raise SystemExit(f"the sandbox binds loopback only (got {host!r}): use 127.0.0.1")
     files = ensure_tls(Path(tls_dir))
+    os.environ.setdefault("SANDBOX_STATE_DIR", str(tls_dir))  # IdP keys survive restarts (see sandbox.idp)
     app = create_app(scenario, seed=seed)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

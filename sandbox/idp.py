@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import re
 import secrets
 import threading
@@ -25,6 +26,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import xmlsec
@@ -93,6 +95,29 @@ def make_key(common_name: str, *, bits: int = 2048, now: datetime | None = None,
     )
 
 
+def load_or_make_key(tenant: str, *, now: datetime | None = None) -> IdpKey:
+    """The tenant's IdP key. With ``SANDBOX_STATE_DIR`` set (``python -m sandbox`` sets it to its TLS
+    folder) keys are kept there (0600), so the metadata a console imported stays valid across sandbox
+    restarts, as a real IdP's would; tests leave it unset and get fresh keys each run."""
+    folder = os.environ.get("SANDBOX_STATE_DIR")
+    if not folder:
+        return make_key(f"sandbox-idp-{tenant}", now=now)
+    key_file, cert_file = Path(folder) / f"idp-{tenant}.key", Path(folder) / f"idp-{tenant}.pem"
+    if key_file.exists() and cert_file.exists():
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        if cert.not_valid_after_utc > (now or _now()) + timedelta(days=7):
+            der = cert.public_bytes(serialization.Encoding.DER)
+            return IdpKey(key_pem=key_file.read_bytes(), cert_pem=cert_file.read_bytes(),
+                          cert_b64=base64.b64encode(der).decode())
+    made = make_key(f"sandbox-idp-{tenant}", now=now)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(made.key_pem)
+    cert_file.write_bytes(made.cert_pem)
+    return made
+
+
 @dataclass
 class PendingLogin:
     tenant: str
@@ -143,7 +168,7 @@ class SamlIdp:
 
     def __post_init__(self) -> None:
         for t in self.tenants:
-            self.keys.setdefault(t, make_key(f"sandbox-idp-{t}", now=self.clock()))
+            self.keys.setdefault(t, load_or_make_key(t, now=self.clock()))
 
     # --- identities -------------------------------------------------------------------------------
 
@@ -402,7 +427,7 @@ def _get_idp(state: Any) -> SamlIdp:
         def _reload(st: Any) -> None:
             fresh = _tenants_from_section(st.section("idp"))
             for t in fresh:
-                idp.keys.setdefault(t, make_key(f"sandbox-idp-{t}", now=idp.clock()))
+                idp.keys.setdefault(t, load_or_make_key(t, now=idp.clock()))
             idp.users = fresh
             idp.pending.clear()
 

@@ -35,7 +35,7 @@ def sign_in(page, console, email: str) -> None:  # type: ignore[no-untyped-def]
 
 def nav_labels(page) -> set[str]:  # type: ignore[no-untyped-def]
     links = page.locator("[data-testid='stSidebarNav'] a")
-    return {links.nth(i).inner_text().strip() for i in range(links.count())}
+    return {links.nth(i).inner_text().strip().splitlines()[-1].strip() for i in range(links.count())}
 
 
 @pytest.mark.parametrize("email", list(ROLE_PAGES))
