@@ -1,10 +1,13 @@
 """Shared page pieces for CRM accounts (the tenant page calls them):
 
-- ``render_add_crm_account(tenant_id)`` — a form generated from the provider catalog; secret fields
-  are handed to the core service (which puts them in the vault) and the form clears itself, so no
-  secret stays in session state or on the page;
-- ``render_connection_test(account_id)`` — the last stored test and a "Test connection" button, each
-  step with its result and the fix;
+- ``render_add_crm_account(tenant_id)`` — a form generated from the provider catalog with the
+  **non-secret** fields only (label, edition, sign-in method, instance URL, client id, …). Secrets
+  (client secret, private key, token…) are never entered in a Streamlit widget: once the account
+  exists, a link button opens the secure HTML form (``/crm-accounts/{id}/credentials``, served beside
+  the console), which puts them straight into the vault. Accounts whose credentials are missing are
+  listed with the same link;
+- ``render_connection_test(account_id)`` — the credential status (with the secure form's link), the
+  last stored test and a "Test connection" button, each step with its result and the fix;
 - ``render_quota(account_id)`` — the API-quota gauge and the forecast of when the allocation runs out.
 """
 
@@ -22,17 +25,45 @@ from pages._common import ago, principal, show_error
 
 STATUS_COLOURS = {"ok": "#16a34a", "warning": "#d97706", "critical": "#dc2626", "exhausted": "#7f1d1d",
                   "unknown": "#94a3b8"}
+ENTER_CREDENTIALS = "Enter credentials (secure form)"
+REPLACE_CREDENTIALS = "Replace credentials (secure form)"
 
 
 def _field_widget(f: FieldSpec, key: str) -> str | None:
+    """A widget for one NON-secret catalog field (secret fields never get a Streamlit widget)."""
+    assert not f.secret, "secret fields are entered in the secure HTML form, never in Streamlit"
     label = f.title + ("" if f.required else " (optional)")
     helptext = f.help or None
     if f.type == "select" and f.options:
         return st.selectbox(label, f.options, help=helptext, key=key)
     if f.type == "text":
         return st.text_area(label, help=helptext, key=key, placeholder=f.example or "")
-    return st.text_input(label, type="password" if f.secret else "default", help=helptext, key=key,
-                         placeholder=(f.example or f.default or "") if not f.secret else "")
+    return st.text_input(label, help=helptext, key=key, placeholder=f.example or f.default or "")
+
+
+def _titles(fields: tuple[FieldSpec, ...] | list[FieldSpec]) -> str:
+    return ", ".join(f.title.lower() for f in fields)
+
+
+def _credentials_button(creds: service.AccountCredentials, *, key: str, replace: bool = False) -> None:
+    st.link_button(REPLACE_CREDENTIALS if replace else ENTER_CREDENTIALS, creds.url, key=key,
+                   type="secondary" if replace else "primary", icon=":material/lock:")
+
+
+def _render_missing_credentials(tenant_id: int, *, skip: int | None = None) -> None:
+    """Every account of the tenant that cannot connect because its credentials are missing."""
+    try:
+        with session_scope() as s:
+            rows = service.list_account_credentials(session=s, principal=principal(), tenant_id=tenant_id)
+    except CrmBridgeError as exc:
+        show_error(exc)
+        return
+    for creds in rows:
+        if not creds.missing or creds.account_id == skip:
+            continue
+        st.warning(f"**{creds.label}** has no credentials yet ({_titles(creds.fields)}): it cannot connect "
+                   "until they are entered in the secure form.")
+        _credentials_button(creds, key=f"crm_creds_missing_{tenant_id}_{creds.account_id}")
 
 
 def render_add_crm_account(tenant_id: int) -> None:
@@ -65,26 +96,37 @@ def render_add_crm_account(tenant_id: int) -> None:
         label = st.text_input("Label", max_chars=120, placeholder="e.g. EMEA sales", key=f"{prefix}_label")
         values: dict[str, str | None] = {}
         for f in cat.form_fields(slug, mode_id):
-            values[f.name] = _field_widget(f, f"{prefix}_{f.name}")
+            if not f.secret:
+                values[f.name] = _field_widget(f, f"{prefix}_{f.name}")
+        if mode.secret_fields:
+            st.caption("The " + _titles(mode.secret_fields) + " " + ("is" if len(mode.secret_fields) == 1 else "are")
+                       + " entered after the account is added, in a secure form outside the console "
+                       "(straight into the vault), never here.")
         if mode.user_fields:
-            st.caption("Each user enters " + ", ".join(f.title.lower() for f in mode.user_fields)
+            st.caption("Each user enters " + _titles(mode.user_fields)
                        + " through their own connect link, never here.")
         submitted = st.form_submit_button("Add CRM account")
+    added: int | None = None
     if submitted:
         try:
             with session_scope() as s:
-                acc = service.add_crm_account(session=s, principal=p, tenant_id=tenant_id, provider=slug,
-                                              edition=edition, label=label or "", auth_mode=mode_id, values=values)
-                added = acc.label
-            st.success(f"Added {added}. Secret fields went to the vault. Next: test the connection.")
+                acc = service.add_crm_account_settings(
+                    session=s, principal=p, tenant_id=tenant_id, provider=slug, edition=edition,
+                    label=label or "", auth_mode=mode_id, values=values)
+                assert acc.id is not None
+                added = acc.id
+                creds = service.account_credentials(session=s, principal=p, account_id=acc.id)
         except CrmBridgeError as exc:
             show_error(exc)
-        finally:
-            values.clear()
-            # the form clears itself in the browser; drop the submitted secrets from the server side too
-            for f in cat.form_fields(slug, mode_id):
-                if f.secret:
-                    st.session_state.pop(f"{prefix}_{f.name}", None)
+        else:
+            if creds.needs_secret:
+                st.success(f"Added {creds.label}. Next: enter its {_titles(creds.fields)} in the secure form, "
+                           "then test the connection.")
+                _credentials_button(creds, key=f"crm_creds_new_{creds.account_id}")
+            else:
+                st.success(f"Added {creds.label}. Next: send each user a connect link (Users & sync) so they "
+                           "connect their own login, then test the connection.")
+    _render_missing_credentials(tenant_id, skip=added)
 
 
 def _show_steps(steps: list, *, ok: bool | None) -> None:
@@ -99,13 +141,35 @@ def _show_steps(steps: list, *, ok: bool | None) -> None:
 
 def render_connection_test(account_id: int) -> None:
     p = principal()
+    try:
+        with session_scope() as s:
+            creds = service.account_credentials(session=s, principal=p, account_id=account_id)
+    except CrmBridgeError as exc:
+        show_error(exc)
+        return
     if st.button("Test connection", key=f"crm_test_{account_id}"):
-        with st.spinner("Testing against the CRM…"):
-            try:
-                with session_scope() as s:
-                    service.test_crm_account(session=s, principal=p, account_id=account_id)
-            except CrmBridgeError as exc:
-                show_error(exc)
+        if creds.missing:
+            st.warning(f"No credentials are stored for {creds.label}: enter the credentials first "
+                       f"({_titles(creds.fields)}) in the secure form, then test the connection.")
+        else:
+            with st.spinner("Testing against the CRM…"):
+                try:
+                    with session_scope() as s:
+                        service.test_crm_account(session=s, principal=p, account_id=account_id)
+                except CrmBridgeError as exc:
+                    show_error(exc)
+    if creds.missing:
+        st.warning(f"**Credentials missing** — {creds.label} cannot connect until its {_titles(creds.fields)} "
+                   "are entered in the secure form.")
+        _credentials_button(creds, key=f"crm_creds_{account_id}")
+    elif creds.needs_secret:
+        if creds.stored_at is not None:
+            who = f" by {creds.stored_by}" if creds.stored_by else ""
+            st.caption(f"Credentials: stored {ago(creds.stored_at)}{who}"
+                       + (" — **the CRM rejected them**: replace them." if creds.state == "failed" else "."))
+        else:
+            st.caption("Credentials: none stored (optional for this sign-in method).")
+        _credentials_button(creds, key=f"crm_creds_{account_id}", replace=creds.stored)
     try:
         with session_scope() as s:
             last = service.last_connection_test(session=s, principal=p, account_id=account_id)

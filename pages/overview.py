@@ -1,4 +1,5 @@
-"""Overview: the landing page, per role."""
+"""Overview: the landing page, per role — staff see onboardings in flight and tenants needing
+attention; a tenant admin their health, posture and next step; leadership the adoption headline."""
 
 from __future__ import annotations
 
@@ -6,37 +7,79 @@ import streamlit as st
 
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.tenants.service import get_tenant, list_crm_accounts, list_tenants, tenant_counts
+from core.posture.overview import headline, needing_attention
+from core.posture.service import get_posture
+from core.sync.service import sync_overview
+from core.tenants.service import get_tenant, list_crm_accounts, list_tenants
 from pages._common import principal, show_error
 
 p = principal()
 st.title("Overview")
 
-try:
+
+def _tenant_admin_view(tenant_id: int) -> None:
     with session_scope() as s:
-        if p.is_tenant_admin and p.tenant_id is not None:
-            tenant = get_tenant(session=s, principal=p, tenant_id=p.tenant_id)
-            accounts = list_crm_accounts(session=s, principal=p, tenant_id=p.tenant_id)
-            st.subheader(tenant.name)
-            cols = st.columns(3)
-            cols[0].metric("Status", tenant.status)
-            cols[1].metric("CRM accounts", len(accounts))
-            cols[2].metric("Failing connection tests", sum(1 for a in accounts if a.last_test_ok is False))
+        tenant = get_tenant(session=s, principal=p, tenant_id=tenant_id)
+        accounts = list_crm_accounts(session=s, principal=p, tenant_id=tenant_id)
+        report = get_posture(session=s, principal=p, tenant_id=tenant_id)
+        sync = sync_overview(session=s, principal=p, tenant_id=tenant_id)
+    st.subheader(tenant.name)
+    cols = st.columns(4)
+    cols[0].metric("Maturity level", f"{report.maturity.level} of 4", help=report.maturity.meaning)
+    cols[1].metric("CRM accounts", len(accounts))
+    cols[2].metric("Failing connection tests", sum(1 for a in accounts if a.last_test_ok is False))
+    failing_users = sum(1 for u in sync.users if u.sync == "failing" or u.auth in ("reconnect needed", "failed"))
+    cols[3].metric("Users needing attention", failing_users)
+    if report.next_step:
+        st.info(f"**Next step:** {report.next_step.title} — {report.next_step.action}")
+    urgent = [f for f in report.findings if f.severity in ("blocking", "high")]
+    if urgent:
+        st.markdown("**Needs attention**")
+        for f in urgent[:5]:
+            st.markdown(f"- **{f.severity}** · {f.title}: {f.action}")
+    if sync.accounts:
+        st.markdown("**Sync by CRM account**")
+        st.dataframe([{"Account": a.label, "CRM": a.provider, "Jobs": a.jobs, "Records in (24 h)": a.records_in_24h,
+                       "Records out (24 h)": a.records_out_24h,
+                       "Healthy": a.by_sync.get("healthy", 0), "Failing": a.by_sync.get("failing", 0)}
+                      for a in sync.accounts], hide_index=True, width="stretch")
+
+
+def _aggregate_view() -> None:
+    with session_scope() as s:
+        h = headline(session=s, principal=p)
+        attention = needing_attention(session=s, principal=p) if p.is_staff else []
+        onboarding = list_tenants(session=s, principal=p, status="onboarding", limit=20)[0] if p.is_staff else []
+    cols = st.columns(4)
+    cols[0].metric("Tenants", h.tenants, help=f"{h.live} live, {h.onboarding} onboarding")
+    cols[1].metric("Tenants with tested SSO", f"{h.sso_tested_share:.0%}")
+    cols[2].metric("Users signing in by SSO", f"{h.users_sso_share:.0%}")
+    cols[3].metric("One step from the next level", h.one_step_away)
+    if h.levels:
+        st.caption("Maturity levels: " + ", ".join(f"level {k}: {v}" for k, v in sorted(h.levels.items()))
+                   + (f" · as of {h.as_of}" if h.as_of else ""))
+    if h.stored_password_tenants:
+        st.caption(f"{h.stored_password_tenants} tenant(s) still rely on stored passwords.")
+    if p.is_staff:
+        st.subheader("Onboardings in flight")
+        if onboarding:
+            st.dataframe([{"Tenant": r.name, "Step": r.onboarding_step, "CRM accounts": r.crm_accounts}
+                          for r in onboarding], hide_index=True, width="stretch")
         else:
-            counts = tenant_counts(session=s, principal=p)
-            cols = st.columns(4)
-            cols[0].metric("Tenants", counts.tenants)
-            cols[1].metric("Live", counts.by_status.get("live", 0))
-            cols[2].metric("Onboarding", counts.by_status.get("onboarding", 0))
-            cols[3].metric("CRM accounts", counts.crm_accounts)
-            st.caption("Tenants by CRM: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.by_provider.items())))
-            if p.is_staff:
-                rows, _ = list_tenants(session=s, principal=p, status="onboarding", limit=20)
-                st.subheader("Onboardings in flight")
-                if rows:
-                    st.dataframe([{"Tenant": r.name, "Step": r.onboarding_step, "CRM accounts": r.crm_accounts}
-                                  for r in rows], hide_index=True, width="stretch")
-                else:
-                    st.info("No onboarding in flight.")
+            st.info("No onboarding in flight.")
+        st.subheader("Tenants needing attention")
+        if attention:
+            st.dataframe([{"Tenant": a.name, "Slug": a.slug, "Why": a.reason,
+                           "Level": a.level if a.level is not None else ""} for a in attention],
+                         hide_index=True, width="stretch")
+        else:
+            st.success("No tenant has a blocking or high finding or a failing connection test.")
+
+
+try:
+    if p.is_tenant_admin and p.tenant_id is not None:
+        _tenant_admin_view(p.tenant_id)
+    else:
+        _aggregate_view()
 except CrmBridgeError as exc:
     show_error(exc)

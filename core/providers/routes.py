@@ -17,6 +17,15 @@ registered for the binding's prefix (the part before the first ``:``)::
 The built-in ``app_user`` handler stores the refresh token in the vault for that app user (purpose
 ``crm-login``), bound to the account; anything else needs its own handler. Every absolute URL comes
 from ``get_settings().public(...)``.
+
+The secure credentials form, ``GET/POST /crm-accounts/{account_id}/credentials``: a plain HTML form
+(never a Streamlit widget) for a CRM account's secret fields — generated from the catalog auth
+mode's ``secret`` fields, so no CRM is named here. It needs a signed-in console principal with
+access to the account's tenant (else a redirect to /auth/login, or 403), and a CSRF token bound to
+the console session and the account. The POST puts the fields in the vault through
+``service.store_account_credentials`` (replacing any held; audited) and, unless unticked, runs the
+connection test at once and shows each step with its fix. Secrets are never echoed back, logged
+or audited; a bad field re-renders the empty form with the message and stores nothing.
 """
 
 from __future__ import annotations
@@ -31,24 +40,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import SecretStr
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from core.clock import utcnow
 from core.db import session_scope
-from core.errors import CrmBridgeError, InvalidInput, LinkInvalid, NotFound
-from core.providers.base import AuthorizationCodeSupport, TokenGrant
+from core.errors import AccessDenied, CrmBridgeError, InvalidInput, LinkInvalid, NotFound
+from core.providers import service
+from core.providers.base import AuthorizationCodeSupport, ConnectionReport, TokenGrant
+from core.providers.catalog import FieldSpec
 from core.providers.config import AccountConfig
 from core.providers.models import OAuthStateUse
 from core.settings import get_settings
 from core.tenants.access import Principal
 from core.tenants.models import AppUser, CrmAccount
-from core.web import esc, html_page
+from core.tenants.routes import principal_from_request
+from core.web import SESSION_COOKIE, csrf_ok, csrf_token_for, esc, html_page
 
 log = logging.getLogger(__name__)
 
@@ -265,4 +279,210 @@ async def oauth_callback(request: Request) -> Response:
     return html_page("Connected", f"<h1>Connected</h1><p>{esc(outcome)}</p>")
 
 
-routes: list[BaseRoute] = [Route(CALLBACK_PATH, oauth_callback, methods=["GET"])]
+# -- the secure credentials form ----------------------------------------------------------------------
+CREDENTIALS_ROUTE = "/crm-accounts/{account_id:int}/credentials"
+MAX_CREDENTIALS_BODY = 72 * 1024  # a PEM private key fits; the vault caps a secret at 64 KiB
+CSRF_FAILED = ("This form expired or was not sent from the CRM Bridge console: nothing was stored. "
+               "Enter the credentials again below.")
+
+
+def _csrf_binding(session_token: str, account_id: int) -> str:
+    """Bound to this console session (its hash: the token itself goes nowhere) and this account."""
+    return f"crm-credentials|{account_id}|" + hashlib.sha256(session_token.encode()).hexdigest()
+
+
+def _origin() -> str:
+    scheme, _, rest = get_settings().public_url.rstrip("/").partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _credentials_page(title: str, body: str, status: int = 200) -> Response:
+    resp = html_page(title, body, status)
+    resp.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; style-src 'unsafe-inline'; form-action {_origin()}; frame-ancestors 'none'"
+    )
+    return resp
+
+
+def _console_link() -> str:
+    return f"<p class=note><a href='{esc(get_settings().public('/tenant'))}'>Back to the console</a></p>"
+
+
+def _refusal(title: str, message: str, status: int) -> Response:
+    return _credentials_page(title, f"<h1>{esc(title)}</h1><p class=error role=alert>{esc(message)}</p>"
+                             + _console_link(), status)
+
+
+def _when(dt: datetime | None) -> str:
+    return f"{dt:%Y-%m-%d %H:%M} UTC" if dt else "—"
+
+
+def _field_html(f: FieldSpec) -> str:
+    """One secret field: never pre-filled, never autofilled with the console's own password."""
+    fid = f"f_{f.name}"
+    required = " required" if f.required else ""
+    label = esc(f.title) + ("" if f.required else " (optional)")
+    note = f"<div class=note>{esc(f.help)}</div>" if f.help else ""
+    if f.type == "text":
+        control = (f"<textarea id={fid} name={esc(f.name)} rows=8 autocomplete=off spellcheck=false "
+                   f"maxlength=65536 style='width:100%;box-sizing:border-box;font-family:monospace'{required}>"
+                   "</textarea>")
+    elif f.type == "select" and f.options:
+        options = "".join(f"<option value='{esc(o)}'>{esc(o)}</option>" for o in f.options)
+        control = f"<select id={fid} name={esc(f.name)}{required}>{options}</select>"
+    else:
+        control = (f"<input type=password id={fid} name={esc(f.name)} autocomplete=new-password "
+                   f"spellcheck=false maxlength=8192{required}>")
+    return f"<label for={fid}>{label}</label>{control}{note}"
+
+
+def _state_html(view: service.AccountCredentials) -> str:
+    if view.state == "connected":
+        return (f"<p class=note>Credentials were stored {esc(_when(view.stored_at))}"
+                + (f" by {esc(view.stored_by)}" if view.stored_by else "")
+                + ". Saving this form replaces them.</p>")
+    if view.state == "failed":
+        return ("<p class=error>The CRM rejected the stored credentials: enter new ones (saving replaces "
+                "them).</p>")
+    if view.state == "invalid":
+        return "<p class=error>The stored credentials could not be decrypted: enter them again.</p>"
+    if view.state == "reconnect needed":
+        return "<p class=error>The stored credentials were destroyed: enter them again.</p>"
+    if view.missing:
+        return ("<p class=error>No credentials are stored yet: this CRM account cannot connect until you "
+                "enter them.</p>")
+    return "<p class=note>No credentials are stored yet (they are optional for this sign-in method).</p>"
+
+
+def _form_page(view: service.AccountCredentials, csrf: str, *, error: str = "", run_test: bool = True,
+               status: int = 200) -> Response:
+    title = f"Credentials for {view.label}"
+    head = (f"<h1>{esc(title)}</h1><p>{esc(view.provider_name)} · {esc(view.auth_mode_title)}</p>"
+            + (f"<p class=error role=alert>{esc(error)}</p>" if error else ""))
+    per_user = ("<p class=note>Each user enters their own " + esc(", ".join(f.title.lower() for f in view.user_fields))
+                + " through their connect link, never here.</p>") if view.user_fields else ""
+    if not view.needs_secret:
+        body = (head + f"<p>{esc(view.label)} signs in with {esc(view.auth_mode_title)}, which has no "
+                "account-level secret: there is nothing to enter here.</p>" + per_user + _console_link())
+        return _credentials_page(title, body, status)
+    action = get_settings().public(service.CREDENTIALS_PATH.format(account_id=view.account_id))
+    checked = " checked" if run_test else ""
+    button = "Replace credentials" if view.stored else "Save credentials"
+    body = (
+        head + _state_html(view)
+        + "<p class=note>What you enter goes straight to the vault, encrypted with a key that belongs to this "
+        "tenant alone. It is never shown again, here or in the console.</p>"
+        + f"<form method=post action='{esc(action)}' autocomplete=off>"
+        f"<input type=hidden name=csrf value='{esc(csrf)}'>"
+        + "".join(_field_html(f) for f in view.fields)
+        + f"<label><input type=checkbox name=test value=1{checked}> Test the connection right away</label>"
+        f"<button type=submit>{esc(button)}</button></form>" + per_user + _console_link()
+    )
+    return _credentials_page(title, body, status)
+
+
+def _report_html(report: ConnectionReport) -> str:
+    rows = []
+    for step in report.steps:
+        name = step.name.replace("_", " ").capitalize()
+        timing = f" ({step.latency_ms:.0f} ms)" if step.latency_ms is not None else ""
+        verdict = "passed" if step.ok else "failed"
+        fix = f"<br><b>Fix:</b> {esc(step.fix)}" if (step.fix and not step.ok) else ""
+        rows.append(f"<tr><td>{'✅' if step.ok else '❌'} {esc(name)}{esc(timing)}</td><td>{verdict}</td>"
+                    f"<td>{esc(step.detail)}{fix}</td></tr>")
+    who = f" as {esc(report.identity)}" if report.identity else ""
+    verdict = (f"<p>The connection test <b>passed</b>{who}.</p>" if report.ok
+               else "<p class=error role=alert>The connection test <b>failed</b>: see the fix below.</p>")
+    return (verdict + "<table><tr><th>Step</th><th>Result</th><th>Detail and fix</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _result_page(view: service.AccountCredentials, *, replaced: bool, report: ConnectionReport | None,
+                 test_error: str | None) -> Response:
+    title = f"Credentials {'replaced' if replaced else 'saved'}"
+    body = (f"<h1>{esc(title)}</h1><p>The credentials for <b>{esc(view.label)}</b> ({esc(view.provider_name)}) "
+            f"are {'replaced' if replaced else 'stored'} in the vault.</p>")
+    if test_error is not None:
+        body += f"<p class=error role=alert>The connection test could not run: {esc(test_error)}</p>"
+    elif report is not None:
+        body += _report_html(report)
+    else:
+        body += "<p class=note>Run the connection test from the console when you are ready.</p>"
+    return _credentials_page(title, body + _console_link())
+
+
+def _credentials(request: Request, account_id: int, form: dict[str, str] | None) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        path = service.CREDENTIALS_PATH.format(account_id=account_id)
+        return RedirectResponse(get_settings().public("/auth/login") + "?next=" + quote(path, safe="/"),
+                                status_code=303)
+    session_token = request.cookies.get(SESSION_COOKIE) or ""
+    try:
+        with session_scope() as s:
+            view = service.account_credentials(session=s, principal=principal, account_id=account_id)
+    except AccessDenied as exc:
+        return _refusal("Not allowed", str(exc), 403)
+    except NotFound as exc:
+        return _refusal("Not found", str(exc), 404)
+    except CrmBridgeError as exc:
+        return _refusal("Credentials", str(exc), 400)
+    binding = _csrf_binding(session_token, account_id)
+    csrf = csrf_token_for(binding)
+    if form is None:
+        return _form_page(view, csrf)
+    run_test = form.get("test") == "1"
+    if not csrf_ok(binding, form.get("csrf")):
+        log.warning("crm account %s credentials: refused a POST without a valid CSRF token", account_id)
+        return _form_page(view, csrf, error=CSRF_FAILED, run_test=run_test, status=403)
+    if not view.needs_secret:
+        return _form_page(view, csrf, status=400)
+    # browsers send a textarea's line breaks as CRLF: a PEM key is stored with the LF it was written in
+    secrets_ = {f.name: (form.get(f.name, "").replace("\r\n", "\n") if f.type == "text" else form.get(f.name, ""))
+                for f in view.fields}
+    try:
+        with session_scope() as s:
+            stored = service.store_account_credentials(session=s, principal=principal, account_id=account_id,
+                                                       secrets=secrets_)
+    except AccessDenied as exc:
+        return _refusal("Not allowed", str(exc), 403)
+    except InvalidInput as exc:
+        return _form_page(view, csrf, error=str(exc), run_test=run_test, status=400)
+    except CrmBridgeError as exc:  # vault keys missing and the like: a server-side problem
+        log.warning("crm account %s credentials: not stored (%s)", account_id, type(exc).__name__)
+        return _form_page(view, csrf, error=str(exc), run_test=run_test, status=503)
+    finally:
+        secrets_.clear()
+        form.clear()
+    report: ConnectionReport | None = None
+    test_error: str | None = None
+    if run_test:
+        try:
+            with session_scope() as s:
+                report = service.test_crm_account(session=s, principal=principal, account_id=account_id)
+        except CrmBridgeError as exc:
+            log.info("crm account %s: connection test did not run (%s)", account_id, type(exc).__name__)
+            test_error = str(exc)
+    return _result_page(stored, replaced=view.stored, report=report, test_error=test_error)
+
+
+def _principal(request: Request) -> Principal | None:
+    found = principal_from_request(request)
+    return found if isinstance(found, Principal) else None
+
+
+async def credentials_page(request: Request) -> Response:
+    account_id = int(request.path_params["account_id"])
+    form: dict[str, str] | None = None
+    if request.method == "POST":
+        if int(request.headers.get("content-length") or 0) > MAX_CREDENTIALS_BODY:
+            return _refusal("Credentials", "The form is too large: a secret is at most 64 KiB.", 413)
+        raw = await request.form(max_files=0, max_fields=50)
+        form = {k: v for k, v in raw.items() if isinstance(v, str)}
+    return await run_in_threadpool(_credentials, request, account_id, form)
+
+
+routes: list[BaseRoute] = [
+    Route(CALLBACK_PATH, oauth_callback, methods=["GET"]),
+    Route(CREDENTIALS_ROUTE, credentials_page, methods=["GET", "POST"]),
+]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 from core.clock import aware, utcnow
 from core.errors import Conflict, CrmBridgeError, InvalidInput, NotFound
 from core.providers.base import ApiUsage, ConnectionReport, LicenseSnapshot, Provider, StepResult
-from core.providers.catalog import get_catalog
+from core.providers.catalog import FieldSpec, get_catalog
 from core.providers.config import AccountConfig, Credential, HttpTransport
 from core.providers.models import ApiUsageSample
 from core.settings import get_settings
@@ -83,6 +83,44 @@ def _vault() -> Any:
 
 
 # -- add an account --------------------------------------------------------------------------------
+def _new_account(
+    session: Session, *, principal: Principal, tenant_id: int, provider: str, edition: str, label: str,
+    auth_mode: str, credential_mode: str, settings: dict[str, str], now: datetime,
+) -> CrmAccount:
+    label = (label or "").strip()
+    if not label or len(label) > 120:
+        raise InvalidInput("Give the CRM account a label of 1–120 characters (e.g. 'EMEA sales').")
+    taken = session.exec(select(CrmAccount.id).where(CrmAccount.tenant_id == tenant_id,
+                                                     CrmAccount.label == label)).first()
+    if taken is not None:
+        raise Conflict(f"This tenant already has a CRM account labelled {label!r}: choose another label.")
+    settings = dict(settings)
+    instance_url = settings.pop("instance_url")
+    settings["auth_mode"] = auth_mode
+    account = CrmAccount(
+        tenant_id=tenant_id, provider=provider, edition=edition, label=label, instance_url=instance_url,
+        credential_mode=credential_mode, settings_json=json.dumps(settings, sort_keys=True),
+        created_at=now,
+    )
+    session.add(account)
+    session.flush()
+    return account
+
+
+def _put_account_secret(
+    session: Session, *, principal: Principal, account: CrmAccount, auth_mode: str, secrets: dict[str, str],
+    now: datetime,
+) -> bool:
+    """Put the account-level secret fields (one JSON object) in the vault; True when one was replaced."""
+    vault = _vault()
+    replaced = vault.find_credential(session, tenant_id=account.tenant_id, crm_account_id=account.id,
+                                     app_user_id=None, purpose=CREDENTIAL_PURPOSE) is not None
+    vault.put(session, principal=principal, tenant_id=account.tenant_id, purpose=CREDENTIAL_PURPOSE,
+              secret=json.dumps(secrets), crm_account_id=account.id,
+              kind=KIND_BY_MODE.get(auth_mode, "password"), now=now)
+    return replaced
+
+
 def add_crm_account(
     *,
     session: Session,
@@ -95,7 +133,10 @@ def add_crm_account(
     values: dict[str, str | None],
     now: datetime | None = None,
 ) -> CrmAccount:
-    """Create a CRM account from the catalog form; secret fields go straight to the vault.
+    """Create a CRM account from the full catalog form; secret fields go straight to the vault.
+
+    For scripts, the demo and tests. The console uses ``add_crm_account_settings`` (no secrets) and
+    the secure HTML form (``store_account_credentials``), so no secret passes through Streamlit.
 
     Raises:
         AccessDenied, NotFound (provider/edition/mode), InvalidInput (a field), Conflict (label taken).
@@ -106,32 +147,238 @@ def add_crm_account(
     entry = cat.provider(provider)
     entry.edition(edition)
     mode = entry.auth_mode(auth_mode)
-    label = (label or "").strip()
-    if not label or len(label) > 120:
+    if not (label or "").strip() or len((label or "").strip()) > 120:
         raise InvalidInput("Give the CRM account a label of 1–120 characters (e.g. 'EMEA sales').")
     settings, secrets = cat.validate_values(provider, auth_mode, values)
-    taken = session.exec(select(CrmAccount.id).where(CrmAccount.tenant_id == tenant_id,
-                                                     CrmAccount.label == label)).first()
-    if taken is not None:
-        raise Conflict(f"This tenant already has a CRM account labelled {label!r}: choose another label.")
-    instance_url = settings.pop("instance_url")
-    settings["auth_mode"] = auth_mode
-    account = CrmAccount(
-        tenant_id=tenant_id, provider=provider, edition=edition, label=label, instance_url=instance_url,
-        credential_mode=mode.credential_mode, settings_json=json.dumps(settings, sort_keys=True),
-        created_at=now,
-    )
-    session.add(account)
-    session.flush()
+    account = _new_account(session, principal=principal, tenant_id=tenant_id, provider=provider, edition=edition,
+                           label=label, auth_mode=auth_mode, credential_mode=mode.credential_mode,
+                           settings=settings, now=now)
     if secrets:
-        _vault().put(session, principal=principal, tenant_id=tenant_id, purpose=CREDENTIAL_PURPOSE,
-                     secret=json.dumps(secrets), crm_account_id=account.id,
-                     kind=KIND_BY_MODE.get(auth_mode, "password"), now=now)
+        _put_account_secret(session, principal=principal, account=account, auth_mode=auth_mode, secrets=secrets,
+                            now=now)
     record_event(session, principal=principal, action="crm_account.create", tenant_id=tenant_id,
                  target=f"crm_account:{account.id}", at=now, details={
-                     "provider": provider, "edition": edition, "label": label, "auth_mode": auth_mode,
+                     "provider": provider, "edition": edition, "label": account.label, "auth_mode": auth_mode,
                      "credential_mode": mode.credential_mode, "secret_fields": sorted(secrets)})
     return account
+
+
+def add_crm_account_settings(
+    *,
+    session: Session,
+    principal: Principal,
+    tenant_id: int,
+    provider: str,
+    edition: str,
+    label: str,
+    auth_mode: str,
+    values: Mapping[str, str | None],
+    now: datetime | None = None,
+) -> CrmAccount:
+    """Create a CRM account from the catalog form's **non-secret** fields only (what the console's
+    Streamlit form collects); its secret fields are entered afterwards in the secure HTML form at
+    ``credentials_form_url(account.id)`` (``store_account_credentials``). A submitted secret field is
+    refused, so a page cannot route a secret through here by mistake.
+
+    Raises:
+        AccessDenied, NotFound (provider/edition/mode), InvalidInput (a field, or a secret field given),
+        Conflict (label taken).
+    """
+    require_tenant(principal, tenant_id)
+    now = now or utcnow()
+    cat = get_catalog()
+    entry = cat.provider(provider)
+    entry.edition(edition)
+    mode = entry.auth_mode(auth_mode)
+    specs = cat.form_fields(provider, auth_mode)
+    secret_names = {f.name for f in specs if f.secret}
+    unknown = set(values) - {f.name for f in specs}
+    if unknown:
+        raise InvalidInput(f"Unexpected fields: {', '.join(sorted(unknown))}.")
+    if secret_names & set(values):
+        raise InvalidInput("Secret fields are not entered in the console: add the account first, then enter its "
+                           "credentials in the secure form.")
+    settings: dict[str, str] = {}
+    for f in specs:
+        if f.secret:
+            continue
+        value = f.check(values.get(f.name))
+        if value is not None:
+            settings[f.name] = value
+    account = _new_account(session, principal=principal, tenant_id=tenant_id, provider=provider, edition=edition,
+                           label=label, auth_mode=auth_mode, credential_mode=mode.credential_mode,
+                           settings=settings, now=now)
+    record_event(session, principal=principal, action="crm_account.create", tenant_id=tenant_id,
+                 target=f"crm_account:{account.id}", at=now, details={
+                     "provider": provider, "edition": edition, "label": account.label, "auth_mode": auth_mode,
+                     "credential_mode": mode.credential_mode, "secret_fields": [],
+                     "credentials_pending": sorted(secret_names)})
+    return account
+
+
+# -- account credentials (entered in the secure HTML form, never in Streamlit) -------------------------
+CREDENTIALS_PATH = "/crm-accounts/{account_id}/credentials"
+NO_CREDENTIAL_STATES = frozenset({"not connected", "reconnect needed"})
+USABLE_STATES = frozenset({"connected", "failed"})  # "failed": stored, rejected once; the test says why
+
+
+def credentials_form_url(account_id: int) -> str:
+    """The absolute URL of the secure form where an account's secret fields are entered."""
+    return get_settings().public(CREDENTIALS_PATH.format(account_id=account_id))
+
+
+def _auth_mode_of(account: CrmAccount) -> Any:
+    """The catalog auth mode the account signs in with: the one chosen on the form, unless the
+    credential mode was changed since (then the catalog's first mode for the new credential mode)."""
+    entry = get_catalog().provider(account.provider)
+    try:
+        settings = json.loads(account.settings_json or "{}")
+    except ValueError:
+        settings = {}
+    chosen = settings.get("auth_mode") if isinstance(settings, dict) else None
+    if chosen:
+        try:
+            mode = entry.auth_mode(str(chosen))
+        except NotFound:
+            mode = None
+        if mode is not None and mode.credential_mode == account.credential_mode:
+            return mode
+    modes = entry.modes_for(account.credential_mode)
+    if not modes:
+        raise NotFound(f"{entry.name} has no sign-in method for credential mode {account.credential_mode!r}: "
+                       "choose another credential mode on the onboarding page.")
+    return modes[0]
+
+
+@dataclass(frozen=True)
+class AccountCredentials:
+    """What the secure form asks for an account, and whether the vault holds it (never the secret)."""
+
+    account_id: int
+    tenant_id: int
+    label: str
+    provider: str
+    provider_name: str
+    credential_mode: str
+    auth_mode: str
+    auth_mode_title: str
+    fields: tuple[FieldSpec, ...]  # the auth mode's secret fields, in catalog order
+    user_fields: tuple[FieldSpec, ...]  # what each user enters on their connect link
+    state: str  # the vault slot: connected / failed / invalid / reconnect needed / not connected
+    stored_at: datetime | None = None
+    stored_by: str | None = None
+
+    @property
+    def url(self) -> str:
+        return credentials_form_url(self.account_id)
+
+    @property
+    def needs_secret(self) -> bool:
+        """The auth mode has account-level secret fields (entered in the secure form)."""
+        return bool(self.fields)
+
+    @property
+    def stored(self) -> bool:
+        """The vault holds a credential for the account (saving the form replaces it)."""
+        return self.state not in NO_CREDENTIAL_STATES
+
+    @property
+    def missing(self) -> bool:
+        """A required secret is not usable from the vault (never entered, destroyed, or undecryptable):
+        the account cannot sign in until one is entered."""
+        return any(f.required for f in self.fields) and self.state not in USABLE_STATES
+
+
+def _credentials_of(session: Session, account: CrmAccount) -> AccountCredentials:
+    from core.vault.models import VaultCredential
+
+    assert account.id is not None
+    vault = _vault()
+    try:
+        mode = _auth_mode_of(account)
+        auth_mode, title = mode.mode, mode.title
+        fields, user_fields = tuple(mode.secret_fields), tuple(mode.user_fields)
+    except NotFound:  # the credential mode was changed to one the catalog has no sign-in method for
+        auth_mode, title, fields, user_fields = "", f"no sign-in method for {account.credential_mode}", (), ()
+    state = vault.credential_state(session, tenant_id=account.tenant_id, crm_account_id=account.id,
+                                   app_user_id=None, purpose=CREDENTIAL_PURPOSE)
+    ref = vault.find_credential(session, tenant_id=account.tenant_id, crm_account_id=account.id,
+                                app_user_id=None, purpose=CREDENTIAL_PURPOSE)
+    row = session.get(VaultCredential, ref.id) if ref is not None else None
+    return AccountCredentials(
+        account_id=account.id, tenant_id=account.tenant_id, label=account.label, provider=account.provider,
+        provider_name=get_catalog().provider(account.provider).name, credential_mode=account.credential_mode,
+        auth_mode=auth_mode, auth_mode_title=title, fields=fields, user_fields=user_fields, state=state,
+        stored_at=aware(row.created_at) if row is not None else None,
+        stored_by=row.stored_by if row is not None else None,
+    )
+
+
+def account_credentials(*, session: Session, principal: Principal, account_id: int) -> AccountCredentials:
+    """The secret fields the account's auth mode needs and whether the vault holds them.
+
+    Raises:
+        AccessDenied, NotFound.
+    """
+    return _credentials_of(session, _load(session, principal, account_id))
+
+
+def list_account_credentials(*, session: Session, principal: Principal, tenant_id: int) -> list[AccountCredentials]:
+    """``account_credentials`` for every CRM account of the tenant, oldest first."""
+    require_tenant(principal, tenant_id)
+    accounts = session.exec(select(CrmAccount).where(CrmAccount.tenant_id == tenant_id)
+                            .order_by(col(CrmAccount.id))).all()
+    return [_credentials_of(session, a) for a in accounts]
+
+
+def store_account_credentials(
+    *,
+    session: Session,
+    principal: Principal,
+    account_id: int,
+    secrets: Mapping[str, str | SecretStr | None],
+    now: datetime | None = None,
+) -> AccountCredentials:
+    """Check the account's secret fields against the catalog and put them in the vault (replacing any
+    held; audited as ``crm_account.credentials.store`` or ``.replace``, field names only). Nothing is
+    stored when a field is wrong.
+
+    Raises:
+        AccessDenied, NotFound, InvalidInput (a field; or the auth mode has no account-level secret),
+        vault errors (KeyMissing, …).
+    """
+    now = now or utcnow()
+    account = _load(session, principal, account_id)
+    mode = _auth_mode_of(account)
+    specs = list(mode.secret_fields)
+    if not specs:
+        who = (" Each user enters " + ", ".join(f.title.lower() for f in mode.user_fields)
+               + " through their own connect link.") if mode.user_fields else ""
+        raise InvalidInput(f"{account.label} signs in with {mode.title}, which has no account-level secret.{who}")
+    unknown = set(secrets) - {f.name for f in specs}
+    if unknown:
+        raise InvalidInput(f"Unexpected fields: {', '.join(sorted(unknown))}: nothing was stored.")
+    clean: dict[str, str] = {}
+    try:
+        for f in specs:
+            raw = secrets.get(f.name)
+            value = f.check(raw.get_secret_value() if isinstance(raw, SecretStr) else raw)
+            if value is not None:
+                clean[f.name] = value
+        if not clean:
+            raise InvalidInput("Enter " + " or ".join(f.title for f in specs) + ": nothing was stored.")
+        replaced = _put_account_secret(session, principal=principal, account=account, auth_mode=mode.mode,
+                                       secrets=clean, now=now)
+        names = sorted(clean)
+    finally:
+        clean.clear()
+    record_event(session, principal=principal, action="crm_account.credentials." + ("replace" if replaced else "store"),
+                 tenant_id=account.tenant_id, target=f"crm_account:{account.id}", at=now, details={
+                     "auth_mode": mode.mode, "secret_fields": names, "replaced": replaced})
+    session.flush()
+    log.info("crm account %s: credentials %s by %s", account.id, "replaced" if replaced else "stored",
+             principal.email)
+    return _credentials_of(session, account)
 
 
 # -- connection test -------------------------------------------------------------------------------
@@ -158,7 +405,8 @@ def _per_user_ref(session: Session, account: CrmAccount, app_user_id: int | None
 
 def _missing_credential_report(account: CrmAccount) -> ConnectionReport:
     if account.credential_mode == "api_user":
-        fix = "Enter the API user's secret on the tenant page (Add CRM account), then test again."
+        fix = (f"Enter the credentials first in the secure form ({credentials_form_url(account.id or 0)}), "
+               "then test again.")
     else:
         fix = "Send a user a connect link (Users & sync) so they connect their own credential, then test again."
     step = StepResult("authenticate", False, "No credential is stored for this CRM account", fix)

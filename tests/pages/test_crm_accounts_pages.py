@@ -1,5 +1,6 @@
-"""AppTests for the CRM-account pieces (pages/_crm_accounts.py): the catalog form, the connection
-test against the sandbox, and the quota gauge."""
+"""AppTests for the CRM-account pieces (pages/_crm_accounts.py): the catalog form (non-secret fields
+only; secrets go through the secure HTML form it links to), the connection test against the sandbox,
+and the quota gauge."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from streamlit.testing.v1 import AppTest
 from core.clock import utcnow
 from core.providers import service
 from core.providers.base import ApiUsage
+from core.providers.catalog import get_catalog
 from core.settings import get_settings
 from core.tenants.access import Principal
-from core.tenants.models import CrmAccount
+from core.tenants.models import AuditEvent, CrmAccount
 from core.vault import service as vault
 from tests.conftest import make_tenant
 
@@ -68,34 +70,78 @@ def sandbox_settings(monkeypatch: pytest.MonkeyPatch, sandbox):  # type: ignore[
     get_settings.cache_clear()
 
 
-def test_the_add_form_comes_from_the_catalog_and_secrets_never_stay(app_db, vault_keys, sandbox_server):
+def _link_buttons(at: AppTest) -> list[tuple[str, str]]:
+    return [(b.proto.label, b.proto.url) for b in at.get("link_button")]
+
+
+def _form_url(account_id: int) -> str:
+    return get_settings().public(f"/crm-accounts/{account_id}/credentials")
+
+
+def test_no_catalog_secret_field_ever_gets_a_streamlit_widget(app_db):
     with Session(app_db) as s:
         tenant = make_tenant(s, "acme")
     at = _run(_script_add, STAFF, tenant_under_test=tenant.id)
-    assert not at.exception
+    cat = get_catalog()
+    checked = 0
+    for slug in cat.slugs():
+        at.selectbox[0].set_value(slug).run()
+        for mode in cat.provider(slug).auth_modes:
+            at.selectbox[2].set_value(mode.mode).run()
+            assert not at.exception
+            shown = {w.label.removesuffix(" (optional)") for w in [*at.text_input, *at.text_area, *at.selectbox]}
+            for f in cat.form_fields(slug, mode.mode):
+                assert (f.title in shown) is (not f.secret), (slug, mode.mode, f.name)
+            assert all(t.proto.type != t.proto.PASSWORD for t in at.text_input), (slug, mode.mode)
+            if mode.secret_fields:  # the form says where they go instead
+                assert any("secure form" in c.value for c in at.caption), (slug, mode.mode)
+            checked += 1
+    assert checked >= 7  # every auth mode of every CRM in the catalog
+
+
+def test_adding_an_account_then_links_to_the_secure_credentials_form(app_db, vault_keys, sandbox_server):
+    with Session(app_db) as s:
+        tenant = make_tenant(s, "acme")
+    at = _run(_script_add, STAFF, tenant_under_test=tenant.id)
     assert "Salesforce" in at.selectbox[0].options  # every catalog provider is offered
     at.selectbox[0].set_value("salesforce").run()
     at.selectbox[2].set_value("oauth_client_credentials").run()
     labels = [t.label for t in at.text_input]
-    assert labels[:2] == ["Label", "My Domain URL"] and "Consumer secret" in labels
-    secret_box = next(t for t in at.text_input if t.label == "Consumer secret")
-    assert secret_box.proto.type == secret_box.proto.PASSWORD
+    assert labels[:2] == ["Label", "My Domain URL"] and "Consumer key" in labels
+    assert "Consumer secret" not in labels
     values = {"Label": "EMEA sales", "My Domain URL": f"{sandbox_server.base_url}/salesforce/bigcorp-emea",
-              "Consumer key": "bigcorp-emea-integration", "Consumer secret": "zz-page-secret-zz"}
+              "Consumer key": "bigcorp-emea-integration"}
     for box in at.text_input:
         if box.label in values:
             box.input(values[box.label])
     at.button[0].click().run()
     assert not at.exception
-    assert any("Added EMEA sales" in s.value for s in at.success), _all_text(at)
-    # nothing the server keeps for this session holds the secret (user keys, widget state, all layers)
-    assert "zz-page-secret-zz" not in repr(at.session_state._state)
+    assert any("Added EMEA sales" in s.value and "consumer secret" in s.value for s in at.success), _all_text(at)
     with Session(app_db) as s:
         acc = s.exec(select(CrmAccount).where(CrmAccount.label == "EMEA sales")).one()
-        assert "zz-page-secret-zz" not in acc.settings_json
-        ref = vault.find_credential(s, tenant_id=tenant.id, crm_account_id=acc.id, purpose="crm-login")
-        with vault.use(s, ref, principal=STAFF, reason="test") as secret:
-            assert json.loads(secret.get_secret_value())["client_secret"] == "zz-page-secret-zz"
+        assert json.loads(acc.settings_json)["client_id"] == "bigcorp-emea-integration"
+        assert vault.find_credential(s, tenant_id=tenant.id, crm_account_id=acc.id, purpose="crm-login") is None
+        created = s.exec(select(AuditEvent).where(AuditEvent.action == "crm_account.create")).one()
+        assert json.loads(created.details)["credentials_pending"] == ["client_secret"]
+        account_id = acc.id
+    assert _link_buttons(at) == [("Enter credentials (secure form)", _form_url(account_id))]
+    # on the next visit the account is still flagged until its credentials are entered
+    at.run()
+    assert any("EMEA sales" in w.value and "no credentials yet" in w.value for w in at.warning), _all_text(at)
+    assert ("Enter credentials (secure form)", _form_url(account_id)) in _link_buttons(at)
+
+
+def test_a_per_user_password_account_has_nothing_to_enter_in_the_console(app_db, vault_keys):
+    with Session(app_db) as s:
+        tenant = make_tenant(s, "acme")
+    at = _run(_script_add, STAFF, tenant_under_test=tenant.id)
+    at.selectbox[0].set_value("salesforce").run()
+    at.selectbox[2].set_value("password").run()
+    next(t for t in at.text_input if t.label == "Label").input("Tiny")
+    next(t for t in at.text_input if t.label == "My Domain URL").input("https://tinyco.my.salesforce.com")
+    at.button[0].click().run()
+    assert any("Added Tiny" in s.value and "connect link" in s.value for s in at.success), _all_text(at)
+    assert _link_buttons(at) == []
 
 
 def test_a_bad_field_is_shown_with_its_fix(app_db, vault_keys):
@@ -140,6 +186,33 @@ def test_a_failed_connection_test_names_the_fix(app_db, vault_keys, sandbox_sett
     at.button[0].click().run()
     assert at.error, _all_text(at)
     assert "Fix:" in at.error[0].value and "consumer key and secret" in at.error[0].value
+
+
+def test_a_test_without_credentials_asks_for_them_first(app_db, vault_keys, sandbox_settings):
+    with Session(app_db, expire_on_commit=False) as s:
+        tenant = make_tenant(s, "acme")
+        acc = service.add_crm_account_settings(
+            session=s, principal=STAFF, tenant_id=tenant.id, provider="salesforce", edition="enterprise",
+            label="EMEA", auth_mode="oauth_client_credentials",
+            values={"instance_url": f"{sandbox_settings.base_url}/salesforce/bigcorp-emea",
+                    "client_id": "bigcorp-emea-integration"})
+        s.commit()
+        account_id = int(acc.id)  # type: ignore[arg-type]
+    at = _run(_script_test, STAFF, account_under_test=account_id)
+    assert any("Credentials missing" in w.value for w in at.warning), _all_text(at)
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("enter the credentials first" in w.value for w in at.warning), _all_text(at)
+    assert _link_buttons(at) == [("Enter credentials (secure form)", _form_url(account_id))]
+    with Session(app_db) as s:
+        assert s.get(CrmAccount, account_id).last_test_at is None  # no test ran against the CRM
+
+
+def test_stored_credentials_can_be_replaced_through_the_secure_form(app_db, vault_keys, sandbox_settings):
+    account_id = _api_account(app_db, sandbox_settings)
+    at = _run(_script_test, STAFF, account_under_test=account_id)
+    assert not at.warning and "Credentials: stored" in _all_text(at)
+    assert _link_buttons(at) == [("Replace credentials (secure form)", _form_url(account_id))]
 
 
 def test_quota_gauge_and_forecast(app_db):

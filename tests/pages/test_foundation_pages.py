@@ -124,3 +124,29 @@ def test_onboarding_not_for_tenant_admin_or_leadership(app_db):
     assert "BigCorp" not in _texts(at)
     at = run_page("onboarding.py", LEAD)
     assert at.error
+
+
+def test_overview_staff_sees_tenants_needing_attention(app_db):
+    from sqlmodel import select
+
+    from core.tenants.models import CrmAccount
+
+    slugs = _demo(app_db)
+    with Session(app_db) as s:
+        acc = s.exec(select(CrmAccount).where(CrmAccount.tenant_id == slugs["profco"])).first()
+        acc.last_test_ok = False
+        s.add(acc)
+        s.commit()
+    text = _texts(run_page("overview.py", STAFF))
+    assert "Tenants needing attention" in text
+    assert "Prof Services Ltd" in text and "failing connection test" in text
+
+
+def test_overview_tenant_admin_sees_level_and_next_step(app_db):
+    slugs = _demo(app_db)
+    admin = Principal(role="tenant_admin", email="admin@tinyco.example", tenant_id=slugs["tinyco"])
+    at = run_page("overview.py", admin)
+    assert not at.exception
+    text = _texts(at)
+    assert "Maturity level" in text and "Next step" in text
+    assert "BigCorp" not in text
