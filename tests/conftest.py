@@ -222,3 +222,17 @@ def page_text(at) -> str:  # type: ignore[no-untyped-def]
     for t in getattr(at, "table", []):
         parts.append(t.value.to_csv())
     return "\n".join(parts)
+
+
+def stored_bytes(engine: Engine) -> bytes:
+    """Everything the database holds, as bytes to scan for canaries: the SQLite file and its -wal
+    (free pages included), or on PostgreSQL every row of every table as text."""
+    if engine.dialect.name == "sqlite":
+        db = Path(str(engine.url.database))
+        return b"".join(p.read_bytes() for p in (db, db.with_name(db.name + "-wal")) if p.exists())
+    out: list[str] = []
+    with engine.connect() as conn:
+        for table in SQLModel.metadata.sorted_tables:
+            for row in conn.execute(table.select()):
+                out.append(" ".join(str(v) for v in row))
+    return "\n".join(out).encode()

@@ -83,14 +83,17 @@ def record_event(
     chain = chain_name(tenant_id)
     stmt = select(AuditHead).where(AuditHead.chain == chain)
     if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
+        # Two writers may create a chain's head at once: insert-if-absent, then lock the one row.
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        session.execute(pg_insert(AuditHead).values(chain=chain, seq=0, last_hmac="")
+                        .on_conflict_do_nothing(index_elements=["chain"]))
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     head = session.exec(stmt).first()
     if head is None:
         head = AuditHead(chain=chain, seq=0, last_hmac="")
         session.add(head)
         session.flush()
-        if session.get_bind().dialect.name == "postgresql":
-            head = session.exec(select(AuditHead).where(AuditHead.chain == chain).with_for_update()).one()
     ev = AuditEvent(
         chain=chain,
         seq=head.seq + 1,

@@ -321,7 +321,7 @@ def test_mfa_reset_by_admin_ends_sessions_and_requires_enrolment_again(web, app_
 
 def test_no_secret_reaches_the_database_audit_or_logs(web, app_db, smtp_sink, caplog, vault_keys):
     import logging
-    from pathlib import Path
+    from tests.conftest import stored_bytes
 
     caplog.set_level(logging.DEBUG)
     tenant_id = _make_tenant(app_db)
@@ -344,8 +344,7 @@ def test_no_secret_reaches_the_database_audit_or_logs(web, app_db, smtp_sink, ca
         s.commit()
         audit = " ".join(f"{e.target} {e.details}" for e in s.exec(select(AuditEvent)))
     canaries.append(smtp_sink.link_to("new@acme.example", "/auth/invite/").rsplit("/", 1)[1])
-    db_path = Path(str(app_db.url.database))
-    stored = b"".join(p.read_bytes() for p in (db_path, db_path.with_name(db_path.name + "-wal")) if p.exists())
+    stored = stored_bytes(app_db)
     assert len(canaries) == 2 + 20 + 2
     assert b"ana@acme.example" in stored  # the scan does see what is stored
     for c in canaries:
