@@ -76,7 +76,8 @@ def time_page(name: str, who: Principal, state: dict) -> float:
 
 
 def generate_scale() -> None:
-    """2,000 tenants, 100,000 users, 1,000,000 sync runs, inserted in bulk."""
+    """2,000 tenants, 100,000 users, 1,000,000 sync runs and 90 days of the scheduler's daily posture
+    snapshots (180,000 rows), inserted in bulk."""
     from core.sync.models import SyncJob, SyncRun
 
     rng = random.Random(7)
@@ -139,6 +140,36 @@ def generate_scale() -> None:
                     batch.clear()
         if batch:
             conn.execute(insert(SyncRun), batch)
+        # the scheduler's daily posture snapshots: 90 days for every tenant
+        from core.posture.models import PostureSnapshot
+
+        snaps = []
+        for i in range(N_TENANTS):
+            prov, ed = providers[i % 4]
+            mode = accounts[i]["credential_mode"]
+            level = rng.randint(0, 4)
+            for d in range(90):
+                day = (now - timedelta(days=d)).date()
+                lvl = max(0, level - d // 30)
+                snaps.append({"tenant_id": first_t + i, "day": day, "taken_at": now - timedelta(days=d),
+                              "level": lvl, "one_step_away": lvl < 4 and i % 3 == 0, "world": "today",
+                              "sso_state": "tested" if lvl >= 3 else "untested", "users_total": per,
+                              "users_sso": per * 2 // 3 if lvl >= 3 else 0,
+                              "accounts_api_user": int(mode == "api_user"),
+                              "accounts_per_user_oauth": int(mode == "per_user_oauth"),
+                              "accounts_per_user_password": int(mode == "per_user_password"),
+                              "stored_passwords": per if mode == "per_user_password" else 0,
+                              "findings_blocking": int(lvl == 0), "findings_high": int(lvl == 1),
+                              "findings_medium": 1, "findings_low": 0, "editions": f"{prov}:{ed}",
+                              "account_modes": mode, "next_rule": "sso-untested" if lvl < 4 else None,
+                              "next_title": "SSO is not tested" if lvl < 4 else None,
+                              "next_who": "tenant admin" if lvl < 4 else None,
+                              "to_level": lvl + 1 if lvl < 4 else None})
+                if len(snaps) >= 50_000:
+                    conn.execute(insert(PostureSnapshot), snaps)
+                    snaps.clear()
+        if snaps:
+            conn.execute(insert(PostureSnapshot), snaps)
     with eng.connect() as conn:
         conn.exec_driver_sql("ANALYZE")
     print(f"generated {N_TENANTS} tenants, {N_USERS} users, {len(job_rows) * runs_per_job} sync runs "

@@ -61,6 +61,7 @@ class HistoryPoint:
     sso_tested: bool = False
     users_total: int = 0
     users_sso: int = 0
+    weight: int = 1  # how many tenants this point stands for (history is aggregated in SQL)
 
 
 @dataclass
@@ -174,12 +175,12 @@ def build_adoption(current: Sequence[TenantPosture], history: Iterable[HistoryPo
     per_edition: Counter[tuple[date, str, str, int]] = Counter()
     sso_days: dict[date, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # tenants, tested, users, users_sso
     for p in points:
-        overall[(p.day, p.level)] += 1
+        overall[(p.day, p.level)] += p.weight
         for prov, ed in set(p.editions):
-            per_edition[(p.day, prov, ed, p.level)] += 1
+            per_edition[(p.day, prov, ed, p.level)] += p.weight
         agg = sso_days[p.day]
-        agg[0] += 1
-        agg[1] += p.sso_tested
+        agg[0] += p.weight
+        agg[1] += p.sso_tested * p.weight
         agg[2] += p.users_total
         agg[3] += p.users_sso
     days = sorted({p.day for p in points})

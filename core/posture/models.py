@@ -40,3 +40,9 @@ class PostureSnapshot(SQLModel, table=True):
     findings_low: int = Field(default=0, ge=0)
     # "provider:edition" of each CRM account, sorted and comma-separated (for by-provider trends).
     editions: str = Field(default="", max_length=2000)
+    # The credential mode of each CRM account, in the same order as ``editions``.
+    account_modes: str = Field(default="", max_length=2000)
+    # The single next step (its headline and who acts), for the upgrade pipeline. Never a user's name.
+    next_title: str | None = Field(default=None, max_length=300)
+    next_who: str | None = Field(default=None, max_length=40)
+    to_level: int | None = Field(default=None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import case, func
 from sqlmodel import Session, col, select
 
 from core.clock import utcnow
@@ -111,24 +112,61 @@ def _editions(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+FRESH = timedelta(hours=26)  # a daily snapshot older than this is recomputed live
+
+
+def _from_row(r: PostureSnapshot, name: str, slug: str) -> TenantPosture:
+    editions = _editions(r.editions)
+    modes = tuple(filter(None, (r.account_modes or "").split(",")))
+    if len(modes) != len(editions):  # rows written before account_modes existed
+        modes = (("api_user",) * r.accounts_api_user + ("per_user_oauth",) * r.accounts_per_user_oauth
+                 + ("per_user_password",) * r.accounts_per_user_password)[:len(editions)]
+        modes += ("api_user",) * (len(editions) - len(modes))
+    return TenantPosture(r.tenant_id, name, slug, r.level, r.sso_state, r.users_total, r.users_sso, modes, editions,
+                         r.world, r.next_title, r.next_who, r.next_rule, r.to_level, r.one_step_away)
+
+
 def get_adoption(*, session: Session, principal: Principal, now: datetime | None = None, days: int = 90
                  ) -> AdoptionReport:
     """Cross-tenant adoption figures (counts only, no user-level data): staff and leadership.
+
+    Current figures come from each tenant's daily snapshot (written by the scheduler); a tenant whose
+    snapshot is missing or older than a day is assessed live. Trends are aggregated in SQL, so the cost
+    stays flat with thousands of tenants.
 
     Raises:
         AccessDenied: tenant admins.
     """
     require_aggregate_reader(principal)
     now = now or utcnow()
-    current = []
-    for snap in gather_tenants(session, now=now):
-        current.append(_tenant_posture(snap, posture_of(snap)))
-    live_ids = {t.tenant_id for t in current}
+    tenants = {tid: (name, slug) for tid, name, slug in session.exec(
+        select(Tenant.id, Tenant.name, Tenant.slug).where(Tenant.status != "offboarded")).all()}
+    latest = (select(PostureSnapshot.tenant_id, func.max(PostureSnapshot.day).label("day"))
+              .group_by(col(PostureSnapshot.tenant_id)).subquery())
+    rows = session.exec(select(PostureSnapshot).join(
+        latest, (col(PostureSnapshot.tenant_id) == latest.c.tenant_id) & (col(PostureSnapshot.day) == latest.c.day)
+    )).all()
+    current: list[TenantPosture] = []
+    for r in rows:
+        if r.tenant_id in tenants and now - r.taken_at <= FRESH:
+            current.append(_from_row(r, *tenants[r.tenant_id]))
+    fresh = {t.tenant_id for t in current}
+    stale = [tid for tid in tenants if tid is not None and tid not in fresh]
+    if stale:
+        for snap in gather_tenants(session, stale, now=now):
+            current.append(_tenant_posture(snap, posture_of(snap)))
     since = (now - timedelta(days=days)).date()
-    rows = session.exec(select(PostureSnapshot).where(col(PostureSnapshot.day) >= since)
-                        .order_by(col(PostureSnapshot.day))).all()
-    history = [HistoryPoint(r.day, r.tenant_id, r.level, _editions(r.editions), r.sso_state == "tested",
-                            r.users_total, r.users_sso) for r in rows if r.tenant_id in live_ids]
+    tested = case((col(PostureSnapshot.sso_state) == "tested", 1), else_=0)
+    grouped = session.exec(
+        select(PostureSnapshot.day, PostureSnapshot.level, PostureSnapshot.editions, tested, func.count(),  # type: ignore[call-overload]
+               func.sum(PostureSnapshot.users_total), func.sum(PostureSnapshot.users_sso))
+        .join(Tenant, Tenant.id == PostureSnapshot.tenant_id)  # type: ignore[arg-type]
+        .where(col(PostureSnapshot.day) >= since, Tenant.status != "offboarded")
+        .group_by(col(PostureSnapshot.day), col(PostureSnapshot.level), col(PostureSnapshot.editions), tested)
+        .order_by(col(PostureSnapshot.day))
+    ).all()
+    history = [HistoryPoint(day, 0, level, _editions(editions), bool(is_tested), int(users or 0), int(sso or 0),
+                            weight=int(n)) for day, level, editions, is_tested, n, users, sso in grouped]
     return build_adoption(current, history, now=now)
 
 
@@ -136,6 +174,7 @@ def snapshot_row(snap: TenantSnapshot, report: PostureReport) -> PostureSnapshot
     """The daily row for a tenant's report (counts only)."""
     sev = Counter(f.severity for f in report.findings)
     modes = Counter(a.credential_mode for a in snap.accounts)
+    pairs = sorted((f"{a.provider}:{a.edition}", a.credential_mode) for a in snap.accounts)
     step = report.maturity.next_step
     return PostureSnapshot(
         tenant_id=snap.tenant_id, day=snap.taken_at.date(), taken_at=snap.taken_at, level=report.maturity.level,
@@ -146,7 +185,9 @@ def snapshot_row(snap: TenantSnapshot, report: PostureReport) -> PostureSnapshot
         stored_passwords=sum(len(a.stored_passwords(snap.taken_at)) for a in snap.accounts),
         findings_blocking=sev.get("blocking", 0), findings_high=sev.get("high", 0),
         findings_medium=sev.get("medium", 0), findings_low=sev.get("low", 0),
-        editions=",".join(sorted(f"{a.provider}:{a.edition}" for a in snap.accounts)),
+        editions=",".join(e for e, _ in pairs), account_modes=",".join(m for _, m in pairs),
+        next_title=step.title[:300] if step else None, next_who=step.who[:40] if step else None,
+        to_level=step.to_level if step else None,
     )
 
 

@@ -78,7 +78,37 @@ def load_demo(session: Session, *, scenario: dict[str, Any], principal: Principa
         if spec.get("api_enabled", True):
             _usage_history(session, acc, used=int(spec.get("api_used", 0)), limit=_daily_limit(spec),
                            rate=HOURLY_RATE.get(org or "", 100), now=now)
+    _other_crms(session, principal, now)
     session.flush()
+
+
+def _other_crms(session: Session, principal: Principal, now: datetime) -> None:
+    """Dynamics 365 (application user, client credentials through the sandbox's Entra) and HubSpot
+    (an OAuth app install) as data/demo/sandbox.yaml plays them."""
+    from core.settings import get_settings
+
+    base = get_settings().sandbox_url.rstrip("/")
+    plans: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
+        "dynco": (f"{base}/dynamics/dynco", {
+            "auth_mode": "oauth_client_credentials", "authority_url": f"{base}/entra", "graph_url": f"{base}/graph",
+            "tenant_id": "6f1c2b9e-5d3a-4c1e-9b7a-d1c0de5a2026", "client_id": "0c1b2a39-8d7e-4f60-a5b4-c3d2e1f0a926",
+            "impersonation": True,
+        }, {"client_secret": "demo-dynco-app-secret"}),
+        "hubco": (f"{base}/hubspot", {
+            "auth_mode": "oauth_authorization_code", "client_id": "crmbridge-hubspot-app",
+            "authorize_url": f"{base}/hubspot/oauth/authorize",
+        }, {"client_secret": "demo-hubspot-app-secret", "refresh_token": "demo-hubco-refresh-token"}),
+    }
+    for acc in session.exec(select(CrmAccount).where(CrmAccount.provider != "salesforce")).all():
+        org = json.loads(acc.settings_json or "{}").get("sandbox_org")
+        if org not in plans:
+            continue
+        url, settings, secret = plans[org]
+        acc.instance_url = url
+        acc.settings_json = json.dumps({"sandbox_org": org, **settings}, sort_keys=True)
+        session.add(acc)
+        session.flush()
+        _store_secret(session, acc, principal, secret, now)
 
 
 def _store_secret(session: Session, acc: CrmAccount, principal: Principal, fields: dict[str, str],

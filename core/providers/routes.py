@@ -78,6 +78,7 @@ class OAuthCompletion:
     grant: TokenGrant
     identity: str | None
     now: datetime
+    crm_user_id: str | None = None  # the CRM user id the token belongs to (from the probe call)
 
 
 CompletionHandler = Callable[[OAuthCompletion], "Response | str"]
@@ -229,7 +230,7 @@ def complete_authorization(
     if handler is None:
         raise InvalidInput(f"No handler for OAuth bindings of kind {prefix!r}: this is a server setup error.")
     return handler(OAuthCompletion(session=session, account=account, binding=str(payload["b"]), grant=grant,
-                                   identity=report.identity, now=now))
+                                   identity=report.identity, now=now, crm_user_id=report.crm_user_id))
 
 
 def _store_for_app_user(done: OAuthCompletion) -> str:

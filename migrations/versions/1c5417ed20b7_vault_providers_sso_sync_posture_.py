@@ -1,8 +1,8 @@
-"""vault, providers, sso, sync, posture, accounts, alerts, onboarding tables
+"""Tables of every package after the foundation: vault, providers, SSO, sync, posture, accounts, alerts, onboarding.
 
 Revision ID: 1c5417ed20b7
 Revises: 8a5a8e28fe7c
-Create Date: 2026-11-28 14:24:55.611772
+Create Date: 2026-11-28 14:48:53.797301
 """
 from typing import Sequence, Union
 
@@ -142,6 +142,10 @@ def upgrade() -> None:
     sa.Column('findings_medium', sa.Integer(), nullable=False),
     sa.Column('findings_low', sa.Integer(), nullable=False),
     sa.Column('editions', sqlmodel.sql.sqltypes.AutoString(length=2000), nullable=False),
+    sa.Column('account_modes', sqlmodel.sql.sqltypes.AutoString(length=2000), nullable=False),
+    sa.Column('next_title', sqlmodel.sql.sqltypes.AutoString(length=300), nullable=True),
+    sa.Column('next_who', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
+    sa.Column('to_level', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenant.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('tenant_id', 'day', name='uq_posture_snapshot_tenant_day')
