@@ -123,9 +123,9 @@ def generate_scale() -> None:
         job_rows = conn.execute(select(SyncJob.id, SyncJob.tenant_id, SyncJob.crm_account_id, SyncJob.app_user_id)
                                 .where(SyncJob.owner_key.like("user:%"))).all()
         batch = []
-        runs_per_job = max(1, N_RUNS // len(job_rows))
-        for jid, tid, aid, uid in job_rows:
-            for k in range(runs_per_job):
+        n_jobs = len(job_rows)
+        for j, (jid, tid, aid, uid) in enumerate(job_rows):
+            for k in range(N_RUNS // n_jobs + (1 if j < N_RUNS % n_jobs else 0)):
                 started = now - timedelta(minutes=5 * k + rng.randint(0, 4))
                 ok = rng.random() > 0.05
                 batch.append({"job_id": jid, "tenant_id": tid, "crm_account_id": aid, "app_user_id": uid,
@@ -172,7 +172,7 @@ def generate_scale() -> None:
             conn.execute(insert(PostureSnapshot), snaps)
     with eng.connect() as conn:
         conn.exec_driver_sql("ANALYZE")
-    print(f"generated {N_TENANTS} tenants, {N_USERS} users, {len(job_rows) * runs_per_job} sync runs "
+    print(f"generated {N_TENANTS} tenants, {N_USERS} users, {N_RUNS} sync runs, {N_TENANTS * 90} posture snapshots "
           f"in {time.perf_counter() - t0:.1f} s")
 
 

@@ -120,12 +120,12 @@ def test_daily_snapshots_are_staff_only(session, leadership, world):
 
 
 def test_history_feeds_the_trend(session, staff, leadership, world):
-    for d in (2, 1):
+    for d in (15, 9, 8, 1):  # the trend samples weekly back from the newest snapshot: day 9 is skipped
         record_daily_snapshots(session=session, principal=staff, now=NOW - timedelta(days=d))
     rep = get_adoption(session=session, principal=leadership, now=NOW)
     overall = [p for p in rep.trend if p.provider is None]
     days = sorted({p.day for p in overall})
-    assert days == [(NOW - timedelta(days=2)).date(), (NOW - timedelta(days=1)).date(), NOW.date()]
+    assert days == [(NOW - timedelta(days=d)).date() for d in (15, 8, 1)] + [NOW.date()]
     assert sum(p.tenants for p in overall if p.day == days[0]) == 6
     per_edition = [p for p in rep.trend if p.provider == "salesforce" and p.edition == "professional"]
     assert {(p.day, p.level, p.tenants) for p in per_edition} >= {(days[0], 0, 1)}
