@@ -47,11 +47,14 @@ def _test_link_credential(check):  # type: ignore[no-untyped-def]
 def _start_link_oauth(start):  # type: ignore[no-untyped-def]
     from core.providers.routes import begin_authorization
 
-    with session_scope() as s:
-        account = s.get(CrmAccount, start.crm_account_id)
-        if account is None:
-            raise InvalidInput("This CRM account no longer exists: ask your admin for a new link.")
-        return begin_authorization(account=account, binding=f"link:{start.state}")
+    if start.session is not None:  # inside the link's transaction (a second one would wait on SQLite's lock)
+        account = start.session.get(CrmAccount, start.crm_account_id)
+    else:
+        with session_scope() as s:
+            account = s.get(CrmAccount, start.crm_account_id)
+    if account is None:
+        raise InvalidInput("This CRM account no longer exists: ask your admin for a new link.")
+    return begin_authorization(account=account, binding=f"link:{start.state}")
 
 
 def _complete_link_oauth(done):  # type: ignore[no-untyped-def]

@@ -9,6 +9,8 @@ import streamlit as st
 from core.clock import utcnow
 from core.db import session_scope
 from core.errors import CrmBridgeError
+from core.tenants.models import AppUser, CrmAccount
+from core.tenants.service import list_app_users, list_crm_accounts, set_crm_identity
 from core.vault import connect, service
 from core.vault.policy import LIMITS, set_policy, view_policy
 from pages._common import ago, principal, show_error
@@ -29,6 +31,9 @@ def render_credentials(tenant_id: int) -> None:
             creds = service.list_credentials(s, principal=p, tenant_id=tenant_id, now=now)
             targets = connect.connect_link_targets(s, principal=p, tenant_id=tenant_id)
             policy = view_policy(s, principal=p, tenant_id=tenant_id)
+            per_user = [a for a in list_crm_accounts(session=s, principal=p, tenant_id=tenant_id)
+                        if a.credential_mode in connect.PER_USER_MODES]
+            users = list_app_users(session=s, principal=p, tenant_id=tenant_id) if per_user else []
     except CrmBridgeError as exc:
         show_error(exc)
         return
@@ -64,6 +69,9 @@ def render_credentials(tenant_id: int) -> None:
                         st.rerun()
                     except CrmBridgeError as exc:
                         show_error(exc)
+
+    if per_user and users:
+        _render_map_crm_user(tenant_id, per_user, users)
 
     if targets:
         with st.expander("Create a connect link"):
@@ -104,5 +112,31 @@ def render_credentials(tenant_id: int) -> None:
                             set_policy(s, principal=p, tenant_id=tenant_id, **changes)
                     st.success("Policy saved: TTLs apply to credentials stored from now on; the idle limit and "
                                "the failure threshold apply at once.")
+                except CrmBridgeError as exc:
+                    show_error(exc)
+
+
+def _render_map_crm_user(tenant_id: int, accounts: list[CrmAccount], users: list[AppUser]) -> None:
+    """A connect link checks that the login is the user's own, so it needs the user's CRM user id."""
+    p = principal()
+    with st.expander("Map a user to their CRM user id"):
+        flash = st.session_state.pop(f"vault_map_flash_{tenant_id}", None)
+        if flash:  # inside the expander, so the widgets around it keep their place (and open expanders stay open)
+            st.success(flash)
+        st.caption("Connect links are offered for users whose CRM user id is known: the login they connect must "
+                   "be that CRM user (Salesforce: Setup → Users, the 005… id in the user's address).")
+        with st.form(f"vault_map_{tenant_id}", clear_on_submit=True):
+            u = st.selectbox("User", range(len(users)), format_func=lambda i: f"{users[i].email} ({users[i].name})")
+            a = st.selectbox("CRM account", range(len(accounts)), format_func=lambda i: accounts[i].label)
+            crm_user_id = st.text_input("CRM user id", max_chars=100)
+            if st.form_submit_button("Save CRM user id"):
+                try:
+                    with session_scope() as s:
+                        set_crm_identity(session=s, principal=p, app_user_id=users[u].id,
+                                         crm_account_id=accounts[a].id, crm_user_id=crm_user_id or "")
+                    st.session_state[f"vault_map_flash_{tenant_id}"] = (
+                        f"{users[u].email} is {crm_user_id.strip()} in {accounts[a].label}: a connect link can be "
+                        "created for them now.")
+                    st.rerun()
                 except CrmBridgeError as exc:
                     show_error(exc)

@@ -13,7 +13,7 @@ from core.clock import utcnow
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.sso import service
-from core.tenants.service import get_tenant
+from core.tenants.service import get_tenant, get_tenant_by_slug
 from pages._common import ago, principal, selected_tenant_id, show_error
 
 IMPORT_KEY = "sso_import"
@@ -229,6 +229,14 @@ p = principal()
 if not (p.is_staff or p.is_tenant_admin):
     st.error("SSO settings are for CRM Bridge staff and tenant admins.")
     st.stop()
+back_from = st.query_params.get("tenant")
+if p.is_staff and back_from and "_tenant_picker" not in st.session_state:
+    # back from a test login (a new browser session): show the tenant whose trace it is
+    try:
+        with session_scope() as s:
+            st.session_state["tenant_id"] = get_tenant_by_slug(session=s, principal=p, slug=back_from).id
+    except CrmBridgeError:
+        pass  # an unknown slug in the address: keep the usual default
 tenant_id = selected_tenant_id(p)
 if tenant_id is None:
     st.stop()

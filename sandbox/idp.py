@@ -507,7 +507,9 @@ def routes(state: Any = None) -> list[BaseRoute]:
         if tenant is None:
             return PlainTextResponse("unknown IdP tenant", status_code=404)
         form = await request.form()
-        token, email = form.get("pending"), form.get("email")
+        token = form.get("pending")
+        # a picked user's button and the (empty) typed-email box both post ``email``: take the one given
+        email = next((v for v in form.getlist("email") if isinstance(v, str) and v.strip()), None)
         pending = idp.take(token) if isinstance(token, str) else None
         if pending is None or pending.tenant != tenant:
             return _page("Sandbox IdP", "<h1>This sign-in expired: start again from the app.</h1>", 400)

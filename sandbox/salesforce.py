@@ -43,6 +43,8 @@ doubled ``sf:Id`` in query records, validation rule "Amount cannot be negative".
 
 Admin (tests): ``POST /_sandbox/salesforce/{org}/api-usage {"used": n}``,
 ``POST /_sandbox/salesforce/{org}/apps/{client_id}/certificate`` (PEM body),
+``POST /_sandbox/salesforce/{org}/apps/{client_id}/callback-urls`` ({"add": uri}: the org admin adds a
+callback URL to the app, as in Setup → App Manager — e.g. a console on another port than the scenario's),
 ``POST /_sandbox/salesforce/{org}/revoke-refresh-tokens``,
 ``POST /_sandbox/salesforce/{org}/users/{username}`` ({password, security_token, api_enabled, locked}),
 ``GET /_sandbox/salesforce/{org}/opportunities``.
@@ -1117,6 +1119,20 @@ def _admin_routes(store_ref: dict[str, SalesforceStore]) -> list[BaseRoute]:
         app.certificate = (await request.body()).decode()
         return JSONResponse({"ok": True})
 
+    async def callback_urls(request: Request) -> Response:
+        org = org_or_404(request)
+        if isinstance(org, JSONResponse):
+            return org
+        app = org.apps.get(request.path_params["client_id"])
+        if app is None:
+            return JSONResponse({"error": "no such app"}, status_code=404)
+        uri = str((await request.json()).get("add", ""))
+        if not uri.startswith(("https://", "http://")):
+            return JSONResponse({"error": "a callback URL is an http(s) URL"}, status_code=400)
+        if uri not in app.redirect_uris:
+            app.redirect_uris.append(uri)
+        return JSONResponse({"redirect_uris": app.redirect_uris})
+
     async def revoke(request: Request) -> Response:
         org = org_or_404(request)
         if isinstance(org, JSONResponse):
@@ -1152,6 +1168,7 @@ def _admin_routes(store_ref: dict[str, SalesforceStore]) -> list[BaseRoute]:
     return [
         Route("/_sandbox/salesforce/{org}/api-usage", api_usage, methods=["POST"]),
         Route("/_sandbox/salesforce/{org}/apps/{client_id}/certificate", certificate, methods=["POST"]),
+        Route("/_sandbox/salesforce/{org}/apps/{client_id}/callback-urls", callback_urls, methods=["POST"]),
         Route("/_sandbox/salesforce/{org}/revoke-refresh-tokens", revoke, methods=["POST"]),
         Route("/_sandbox/salesforce/{org}/users/{username}", user, methods=["POST"]),
         Route("/_sandbox/salesforce/{org}/opportunities", opportunities),

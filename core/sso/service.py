@@ -1010,7 +1010,8 @@ def consume_response(
                      action="sso.test.passed" if result.ok else "sso.test.failed", tenant_id=tenant.tenant_id,
                      target=f"sso_trace:{trace.id}",
                      details={"code": result.code, "name_id": trace.name_id, "skew_s": result.skew_seconds}, at=now)
-        return AcsOutcome(ok=result.ok, purpose=PURPOSE_TEST, redirect=public(f"/sso?trace={trace.id}"),
+        back = public(f"/sso?trace={trace.id}&tenant={tenant.slug}")  # staff land on this tenant's page
+        return AcsOutcome(ok=result.ok, purpose=PURPOSE_TEST, redirect=back,
                           message="Test login passed: no session was created." if result.ok else (result.error or ""),
                           fix=result.fix or "", code=result.code, trace_id=trace.id)
 

@@ -96,6 +96,9 @@ class OAuthStart:
     settings_json: str
     app_user_id: int
     state: str
+    # the caller's open session: read what you need through it (a second transaction would wait on
+    # this one's SQLite write lock until "database is locked")
+    session: Session | None = None
 
 
 OAuthStarter = Callable[[OAuthStart], str]
@@ -564,7 +567,7 @@ def oauth_start_url(session: Session, token: str, *, now: datetime | None = None
         raise LinkInvalid(f"{view.account_label} offers no OAuth sign-in here: use the form on the link page.")
     url = starter(OAuthStart(tenant_id=view.tenant_id, crm_account_id=view.crm_account_id, provider=view.provider,
                              instance_url=view.instance_url, settings_json=view.settings_json,
-                             app_user_id=view.app_user_id, state=oauth_state(link)))
+                             app_user_id=view.app_user_id, state=oauth_state(link), session=session))
     _audit(session, link, view.user_email, "vault.link.oauth_start", now)
     return url
 

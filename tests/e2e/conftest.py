@@ -72,6 +72,10 @@ def console(tmp_path_factory: pytest.TempPathFactory, shots_dir: Path) -> Iterat
         "CRMBRIDGE_SANDBOX_URL": f"https://127.0.0.1:{sandbox_port}",
         "CRMBRIDGE_SECRET_KEY_FILE": str(tmp / "secret.key"),
         "CRMBRIDGE_VAULT_KEY_FILE": str(tmp / "vault-keys.json"),
+        # the CLI (`console.crmbridge("sync", "worker", ...)`) trusts the sandbox's CA as core.runner's console does
+        "CRMBRIDGE_SANDBOX_CA_FILE": str(ROOT / "data" / "sandbox-tls" / "ca.pem"),
+        # no mail server listens there: an invitation shows its link for manual delivery (deterministic)
+        "CRMBRIDGE_SMTP_PORT": str(_free_port()),
         "PYTHONUNBUFFERED": "1",
     })
     c = Console(url=f"http://127.0.0.1:{port}", sandbox_url=f"https://127.0.0.1:{sandbox_port}", env=env,

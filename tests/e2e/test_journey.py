@@ -1,0 +1,510 @@
+"""The whole journey in a real browser (issue 9), against the servers `make run` starts:
+
+0. sales leadership notes today's adoption figures;
+1. customer success (staff) onboards a new Salesforce tenant, Initrode, end to end: the tenant, a CRM
+   account from the catalog form (an API user by OAuth client credentials, whose secret goes in the
+   secure HTML form that runs the connection test against the sandbox org ``newco``), the credential
+   mode, the SSO metadata imported by URL from the sandbox IdP and a test login through it, a user,
+   an invitation for the tenant's admin, and go-live;
+2. the invited admin sets a password, later signs in through Initrode's SSO, and sees posture and sync
+   health (after the scheduler's sync pass, as a deployment's cron runs it);
+3. the admin adds Initrode's field-sales Salesforce account, where each user connects their own login
+   (per-user OAuth), and sends a connect link; the app user opens it in a fresh browser, signs in with
+   Salesforce on the sandbox's consent page, and the admin sees the stored credential;
+4. after the nightly posture snapshot, leadership sees Initrode counted in adoption.
+
+The tests run in order and share browser contexts (one per person). Every step is screenshotted into
+the folder printed at the start of the run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import ROOT, Console, Shooter
+from tests.e2e.test_roles import sign_in
+
+pytestmark = pytest.mark.e2e
+
+TENANT, SLUG = "Initrode", "initrode"
+ADMIN = "admin@initrode.example"  # the sandbox IdP of `initrode` lists this user (data/demo/sandbox.yaml)
+ADMIN_PASSWORD = "Initrode-admin-2026!"
+USER_EMAIL, USER_NAME = "nora@initrode.example", "Nora Quinn"
+# The sandbox org `newco` plays Initrode's Salesforce (data/demo/sandbox.yaml): its Integration user's
+# client-credentials app, its per-user connected app, and Nora's Salesforce login and user id there.
+ORG = "newco"
+INTEGRATION_APP, INTEGRATION_SECRET = "newco-integration", "demo-newco-integration-secret"
+USER_APP, USER_APP_SECRET = "newco-connected-app", "demo-newco-app-secret"
+SF_USERNAME, SF_PASSWORD, SF_USER_ID = "nora@newco.example", "Demo-Nora-2026", "005NEWC000000001"
+API_USER_MODE = "API user — OAuth client credentials (Salesforce Integration user)"
+PER_USER_OAUTH_MODE = "Each user — OAuth web-server flow with PKCE"
+
+# Counts finished Streamlit script runs, so an action can wait for the rerun it caused.
+RUNS_JS = """(() => { window.__stRuns = 0; window.__stLast = 0;
+new MutationObserver(ms => { for (const m of ms) { window.__stLast = performance.now();
+  if (m.target.getAttribute('data-test-script-state') === 'notRunning' && m.oldValue !== 'notRunning')
+    window.__stRuns++; } })
+.observe(document, {subtree: true, attributes: true, attributeFilter: ['data-test-script-state'],
+                    attributeOldValue: true}); })();"""
+VISUALS_JS = """() => [...document.querySelectorAll('[data-testid=stPlotlyChart], [data-testid=stDataFrame]')]
+  .filter(e => e.checkVisibility()).every(e => e.querySelector('.main-svg, [role=gridcell], [role=columnheader]'))"""
+
+
+# -- Streamlit helpers ------------------------------------------------------------------------------
+def _runs(page) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    return tuple(page.evaluate("() => [window.__stRuns || 0, performance.now()]"))  # type: ignore[return-value]
+
+
+def settled(page, mark: tuple[int, float] = (0, 0.0)) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the script run after ``mark`` has finished and the page has been quiet for 0.4 s (a
+    run too short to be seen as "running" counts after 1.5 s), with charts and tables drawn."""
+    n, t0 = mark
+    page.wait_for_function(
+        f"""() => ((window.__stRuns || 0) > {n} || performance.now() - {t0} > 1500)
+        && performance.now() - window.__stLast > 400 && !document.querySelector('[data-stale=true]')
+        && document.querySelector(
+             "[data-testid=stApp][data-test-script-state=notRunning][data-test-connection-state=CONNECTED]")""")
+    page.wait_for_function(VISUALS_JS)
+
+
+def rerun(page, action: Callable[[], Any]) -> None:  # type: ignore[no-untyped-def]
+    mark = _runs(page)
+    action()
+    settled(page, mark)
+
+
+def open_page(page, url: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto(url)
+    settled(page)
+
+
+def press(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Click a button and wait for the rerun. Focus first: a text box losing focus re-renders its form,
+    which would swallow a click landing at the same moment."""
+    button = page.get_by_role("button", name=name, exact=True)
+    button.focus()
+    rerun(page, button.click)
+
+
+def choose(page, label: str, option: str, *, in_form: bool = False) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.get_by_role("combobox", name=label, exact=True)
+    if box.input_value() == option:
+        return
+    item = page.get_by_role("option", name=option, exact=True)
+    box.focus()
+    for _ in range(3):  # the first click can land while a text box's blur re-renders the form
+        if box.get_attribute("aria-expanded") != "true":
+            box.click()
+        try:
+            item.wait_for(timeout=3_000)
+            break
+        except PlaywrightTimeout:
+            continue
+    if in_form:
+        item.click()
+    else:
+        rerun(page, item.click)
+
+
+def textbox(page, label: str):  # type: ignore[no-untyped-def]
+    return page.get_by_role("textbox", name=label, exact=True)
+
+
+def expand(page, title: str):  # type: ignore[no-untyped-def]
+    exp = page.locator("[data-testid=stExpander] details").filter(
+        has=page.locator("summary").filter(has_text=title)).first
+    if exp.get_attribute("open") is None:
+        exp.locator("summary").first.click()
+    return exp
+
+
+def pick_step(page, title: str) -> None:  # type: ignore[no-untyped-def]
+    radio = page.get_by_role("radio", name=title, exact=True)
+    if not radio.is_checked():
+        label = page.locator("label").filter(has=page.locator("input[type=radio]")).filter(has_text=title).first
+        rerun(page, label.click)
+    assert radio.is_checked()
+
+
+def table(page, index: int) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+    """The rows of the index-th visible st.dataframe, read from its accessible grid."""
+    grid = page.locator("[data-testid=stDataFrame]").nth(index)
+    heads = grid.locator("[role=columnheader]").all_inner_texts()
+    cells = grid.locator("[role=gridcell]").all_inner_texts()
+    return [dict(zip(heads, cells[i:i + len(heads)], strict=True)) for i in range(0, len(cells), len(heads))]
+
+
+def table_after(page, heading: str) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+    """The rows of the first st.dataframe below the heading ``heading``."""
+    grids = page.locator("[data-testid=stDataFrame]")
+    for i in range(grids.count()):
+        if grids.nth(i).evaluate(
+            """(g, h) => [...document.querySelectorAll('h1,h2,h3')].filter(x => x.innerText.trim() === h)
+                 .some(x => x.compareDocumentPosition(g) & Node.DOCUMENT_POSITION_FOLLOWING)""", heading):
+            return table(page, i)
+    raise AssertionError(f"no table after {heading!r}")
+
+
+def main_text(page) -> str:  # type: ignore[no-untyped-def]
+    return page.locator("[data-testid=stMain]").inner_text()
+
+
+def sidebar_text(page) -> str:  # type: ignore[no-untyped-def]
+    return page.locator("[data-testid=stSidebar]").inner_text()
+
+
+def metric(page, label: str) -> str:  # type: ignore[no-untyped-def]
+    m = page.locator("[data-testid=stMetric]").filter(has=page.get_by_text(label, exact=True)).first
+    return m.locator("[data-testid=stMetricValue]").inner_text().strip()
+
+
+# -- the shared state of the journey ----------------------------------------------------------------
+@dataclass
+class Journey:
+    console: Console
+    browser: Any
+    pages: dict[str, Any] = field(default_factory=dict)
+    shooters: dict[str, Shooter] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def person(self, who: str, prefix: str):  # type: ignore[no-untyped-def]
+        """The browser of one person (a context of its own: its own cookies); created on first use."""
+        if who not in self.pages:
+            ctx = self.browser.new_context(viewport={"width": 1400, "height": 1000}, ignore_https_errors=True)
+            ctx.set_default_timeout(30_000)
+            ctx.add_init_script(RUNS_JS)
+            self.pages[who] = ctx.new_page()
+        self.shooters[who] = Shooter(self.pages[who], self.console.shots, prefix)
+        return self.pages[who], self.shooters[who]
+
+    def cli(self, *args: str) -> str:
+        r = self.console.crmbridge(*args)
+        assert r.returncode == 0, f"crmbridge {' '.join(args)} failed:\n{r.stderr}{r.stdout}"
+        return r.stdout
+
+
+@pytest.fixture(scope="module")
+def journey(browser, console) -> Iterator[Journey]:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
+    j = Journey(console=console, browser=browser)
+    yield j
+    for pg in j.pages.values():
+        pg.context.close()
+
+
+def _percent(text: str) -> int:
+    m = re.fullmatch(r"(\d+)%", text)
+    assert m, text
+    return int(m.group(1))
+
+
+# -- 0. leadership, before ----------------------------------------------------------------------------
+def test_0_leadership_notes_todays_adoption(journey):
+    journey.cli("posture-snapshot")  # today's row, as the scheduler (cron) records it every day
+    page, shot = journey.person("leadership", "journey-0-leadership-before")
+    sign_in(page, journey.console, "vp.sales@crmbridge.example")
+    open_page(page, f"{journey.console.url}/adoption")
+    assert "SSO adoption and integration maturity" in main_text(page)
+    tenants, tested = int(metric(page, "Tenants")), _percent(metric(page, "Tenants with tested SSO"))
+    journey.notes.update(tenants_before=tenants, tested_before=round(tested * tenants / 100))
+    shot("adoption-before")
+
+
+# -- 1. staff onboards Initrode ------------------------------------------------------------------------
+def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
+    from playwright.sync_api import expect
+
+    c = journey.console
+    page, shot = journey.person("staff", "journey-1-staff")
+    sign_in(page, c, "cs@crmbridge.example")
+    settled(page)
+    assert "Signed in as cs@crmbridge.example" in sidebar_text(page)
+    shot("signed-in")
+
+    # the tenant
+    open_page(page, f"{c.url}/tenants")
+    expand(page, "Create a tenant")
+    textbox(page, "Company name").fill(TENANT)
+    textbox(page, "Short name (slug)").fill(SLUG)
+    shot("create-tenant")
+    press(page, "Create tenant")
+    expect(page.get_by_text(f"Created {TENANT}. Continue on the Onboarding page.")).to_be_visible()
+    shot("tenant-created")
+
+    # onboarding: a Salesforce account from the catalog-generated form
+    open_page(page, f"{c.url}/onboarding")
+    choose(page, "Tenant", f"{TENANT} ({SLUG})")
+    expect(page.get_by_text("1 of 7 steps settled")).to_be_visible()
+    expect(page.get_by_text("Check: no CRM account yet: add one")).to_be_visible()
+    choose(page, "CRM", "Salesforce")
+    choose(page, "Edition", "Enterprise")
+    choose(page, "How CRM Bridge signs in", API_USER_MODE)
+    textbox(page, "Label").fill("Salesforce")
+    textbox(page, "My Domain URL").fill(f"{c.sandbox_url}/salesforce/{ORG}")
+    textbox(page, "Consumer key").fill(INTEGRATION_APP)
+    assert page.get_by_role("textbox", name="Consumer secret").count() == 0  # never a Streamlit widget
+    shot("crm-account-form")
+    press(page, "Add CRM account")
+    expect(page.get_by_text("Added Salesforce. Next: enter its consumer secret in the secure form")).to_be_visible()
+    shot("crm-account-added")
+
+    # the secret goes in the secure HTML form, which runs the connection test against the sandbox org
+    secure_form = page.get_by_role("link", name="Enter credentials (secure form)").first.get_attribute("href")
+    assert secure_form and re.fullmatch(rf"{re.escape(c.url)}/crm-accounts/\d+/credentials", secure_form)
+    page.goto(secure_form)
+    expect(page.get_by_role("heading", name="Credentials for Salesforce")).to_be_visible()
+    page.get_by_label("Consumer secret").fill(INTEGRATION_SECRET)
+    assert page.get_by_label("Test the connection right away").is_checked()
+    shot("secure-form")
+    page.get_by_role("button", name="Save credentials").click()
+    expect(page.get_by_text("The connection test passed as integration@newco.example.")).to_be_visible()
+    assert "Authenticated with OAuth client credentials" in page.locator("body").inner_text()
+    assert INTEGRATION_SECRET not in page.content()
+    shot("connection-test-passed")
+
+    # CRM accounts, credential mode, connection test: done
+    open_page(page, f"{c.url}/onboarding")
+    choose(page, "Tenant", f"{TENANT} ({SLUG})")
+    for settled_steps, title, check in ((2, "CRM accounts", "Check: 1 CRM account(s)"),
+                                        (3, "Credential mode", "Check: Salesforce: api user"),
+                                        (4, "Connection test", "Check: all 1 account(s) passed")):
+        pick_step(page, title)
+        expect(page.get_by_text(check)).to_be_visible()
+        if title == "Connection test":
+            expect(page.get_by_text("Salesforce — last test: passed")).to_be_visible()
+        shot(f"step-{title.lower().replace(' ', '-')}")
+        press(page, "Mark step done")
+        expect(page.get_by_text(f"{settled_steps} of 7 steps settled")).to_be_visible()
+
+    # SSO: import the IdP metadata by URL from the sandbox IdP, then a test login through it
+    open_page(page, f"{c.url}/sso")
+    choose(page, "Tenant", f"{TENANT} ({SLUG})")
+    expect(page.get_by_role("heading", name=f"Single sign-on — {TENANT}")).to_be_visible()
+    page.get_by_role("tab", name="From a URL").click()
+    textbox(page, "Metadata URL (https)").fill(f"{c.sandbox_url}/idp/{SLUG}/metadata")
+    rerun(page, lambda: page.keyboard.press("Enter"))
+    press(page, "Fetch")
+    expect(page.get_by_text(f"Usable: IdP urn:crmbridge:sandbox:idp:{SLUG}.")).to_be_visible()
+    shot("sso-metadata-linted")
+    press(page, "Import this configuration")
+    expect(page.get_by_text("IdP configuration saved. Run a test login next.")).to_be_visible()
+    assert metric(page, "IdP configured") == "yes" and metric(page, "Tested") == "not yet"
+    shot("sso-imported")
+    test_login = page.get_by_role("link", name="Start a test login").get_attribute("href")
+    assert test_login == f"{c.url}/sso/{SLUG}/test"
+    page.goto(test_login)  # → the sandbox IdP's login page
+    expect(page.get_by_role("heading", name=f"Sandbox IdP — {SLUG}")).to_be_visible()
+    shot("idp-login-page")
+    page.get_by_role("button", name=ADMIN, exact=True).click()  # → the ACS → back on the SSO page
+    page.wait_for_url(re.compile(rf"/sso\?trace=\d+&tenant={SLUG}$"))
+    settled(page)
+    expect(page.get_by_role("heading", name=f"Single sign-on — {TENANT}")).to_be_visible()
+    assert metric(page, "Tested") == "yes"
+    expect(page.get_by_text(re.compile(rf"Test login #\d+ — ✅ passed — {re.escape(ADMIN)}"))).to_be_visible()
+    shot("sso-test-login-passed")
+
+    open_page(page, f"{c.url}/onboarding")
+    choose(page, "Tenant", f"{TENANT} ({SLUG})")
+    pick_step(page, "Single sign-on")
+    expect(page.get_by_text("Check: SSO tested with a valid response")).to_be_visible()
+    shot("step-sso")
+    press(page, "Mark step done")
+    expect(page.get_by_text("5 of 7 steps settled")).to_be_visible()
+
+    # users: one app user
+    pick_step(page, "Users")
+    textbox(page, "Email").fill(USER_EMAIL)
+    textbox(page, "Name").fill(USER_NAME)
+    press(page, "Add user")
+    expect(page.get_by_text(f"Added {USER_EMAIL}.")).to_be_visible()
+    shot("user-added")
+    press(page, "Mark step done")
+    expect(page.get_by_text("6 of 7 steps settled")).to_be_visible()
+
+    # invite the tenant's admin (no mail server in the test: the page shows the link to pass on)
+    open_page(page, f"{c.url}/accounts")
+    textbox(page, "Email").fill(ADMIN)
+    textbox(page, "Name (optional)").fill("Ines Admin")
+    choose(page, "Role", "tenant admin", in_form=True)
+    choose(page, "Tenant (tenant admins only)", TENANT, in_form=True)
+    shot("invite-form")
+    press(page, "Send invitation")
+    expect(page.get_by_text(f"The invitation for {ADMIN} is valid")).to_be_visible()
+    link = page.locator("[data-testid=stCode]").inner_text().strip()
+    assert re.fullmatch(rf"{re.escape(c.url)}/auth/invite/[\w-]+", link), link
+    journey.notes["invitation"] = link
+    shot("admin-invited")
+
+    # go live
+    open_page(page, f"{c.url}/onboarding")
+    choose(page, "Tenant", f"{TENANT} ({SLUG})")
+    pick_step(page, "Go live")
+    for title in ("CRM accounts", "Credential mode", "Connection test", "Single sign-on", "Users"):
+        expect(page.get_by_text(f"{title}: done").first).to_be_visible()
+    shot("go-live-checklist")
+    press(page, "Go live")
+    expect(page.get_by_text(f"{TENANT} is live.")).to_be_visible()
+    shot("live")
+
+    open_page(page, f"{c.url}/tenants")
+    row = next(r for r in table(page, 0) if r["Slug"] == SLUG)
+    assert (row["Name"], row["Status"], row["CRM accounts"], row["Users"]) == (TENANT, "live", "1", "1"), row
+    shot("tenants-list")
+
+
+# -- 2. the invited admin ---------------------------------------------------------------------------------
+def test_2_invited_admin_signs_in_through_sso_and_sees_posture_and_sync(journey):
+    from playwright.sync_api import expect
+
+    c = journey.console
+    page, shot = journey.person("admin", "journey-2-admin")
+    page.goto(journey.notes["invitation"])
+    expect(page.get_by_text(f"You were invited as {ADMIN}.")).to_be_visible()
+    page.get_by_label("New password (at least 12 characters)").fill(ADMIN_PASSWORD)
+    page.get_by_label("Repeat the password").fill(ADMIN_PASSWORD)
+    shot("invitation")
+    page.get_by_role("button", name="Create my account").click()
+    page.wait_for_url(f"{c.url}/")
+    settled(page)
+    assert f"Signed in as {ADMIN} · tenant admin" in sidebar_text(page)
+    expect(page.get_by_role("heading", name=TENANT)).to_be_visible()
+    shot("account-created")
+
+    page.goto(f"{c.url}/auth/logout")
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(f"{c.url}/auth/login")
+
+    # later: through Initrode's SSO (the sandbox IdP), no password
+    page.goto(f"{c.url}/sso/{SLUG}/login")
+    expect(page.get_by_role("heading", name=f"Sandbox IdP — {SLUG}")).to_be_visible()
+    shot("sso-sign-in")
+    page.get_by_role("button", name=ADMIN, exact=True).click()
+    page.wait_for_url(f"{c.url}/")
+    settled(page)
+    assert f"Signed in as {ADMIN} · tenant admin" in sidebar_text(page)
+    expect(page.get_by_role("heading", name=TENANT)).to_be_visible()
+    shot("signed-in-by-sso")
+
+    open_page(page, f"{c.url}/posture")
+    expect(page.get_by_role("heading", name=f"Posture — {TENANT}")).to_be_visible()
+    assert metric(page, "Level") == "SSO tested"
+    expect(page.get_by_text("Salesforce: Salesforce Enterprise includes the API")).to_be_visible()
+    shot("posture")
+
+    # what a deployment's cron and workers do: schedule the new tenant's sync job and run it
+    assert "jobs created" in journey.cli("sync", "schedule")
+    journey.cli("sync", "worker", "--once")
+    open_page(page, f"{c.url}/users_sync")
+    expect(page.get_by_role("heading", name="Users & sync")).to_be_visible()
+    expect(page.get_by_text("Salesforce · salesforce")).to_be_visible()
+    expect(page.get_by_text("🟢 healthy").first).to_be_visible()
+    expect(page.get_by_text(re.compile(r"24 h: \d+ in · 0 out · last success just now"))).to_be_visible()
+    shot("users-and-sync")
+
+
+# -- 3. a per-user OAuth account and a connect link -----------------------------------------------------
+def test_3_app_user_connects_through_a_link_and_the_sandbox_oauth_consent(journey):
+    from playwright.sync_api import expect
+
+    c = journey.console
+    page, shot = journey.person("admin", "journey-3-connect-admin")
+    # Initrode's Salesforce admin lists CRM Bridge's callback URL on the connected app (Setup → App
+    # Manager); the sandbox's scenario only knows `make run`'s port.
+    httpx.post(f"{c.sandbox_url}/_sandbox/salesforce/{ORG}/apps/{USER_APP}/callback-urls",
+               json={"add": f"{c.url}/oauth/salesforce/callback"},
+               verify=str(ROOT / "data" / "sandbox-tls" / "ca.pem")).raise_for_status()
+
+    open_page(page, f"{c.url}/tenant")
+    expand(page, "Add a CRM account")
+    choose(page, "CRM", "Salesforce")
+    choose(page, "Edition", "Enterprise")
+    choose(page, "How CRM Bridge signs in", PER_USER_OAUTH_MODE)
+    textbox(page, "Label").fill("Field sales")
+    textbox(page, "My Domain URL").fill(f"{c.sandbox_url}/salesforce/{ORG}")
+    textbox(page, "Consumer key").fill(USER_APP)
+    shot("per-user-account-form")
+    press(page, "Add CRM account")
+    expect(page.get_by_text("Added Field sales.")).to_be_visible()
+    secure_form = page.get_by_role("link", name="Enter credentials (secure form)").first.get_attribute("href")
+    page.goto(secure_form)
+    expect(page.get_by_role("heading", name="Credentials for Field sales")).to_be_visible()
+    page.get_by_label("Consumer secret (optional)").fill(USER_APP_SECRET)
+    page.get_by_label("Test the connection right away").uncheck()  # nobody has connected yet
+    page.get_by_role("button", name="Save credentials").click()
+    expect(page.get_by_role("heading", name="Credentials saved")).to_be_visible()
+
+    open_page(page, f"{c.url}/tenant")
+    expand(page, "Map a user to their CRM user id")
+    choose(page, "User", f"{USER_EMAIL} ({USER_NAME})", in_form=True)
+    choose(page, "CRM account", "Field sales", in_form=True)
+    textbox(page, "CRM user id").fill(SF_USER_ID)
+    press(page, "Save CRM user id")
+    expect(page.get_by_text(f"{USER_EMAIL} is {SF_USER_ID} in Field sales")).to_be_visible()
+    link_box = expand(page, "Create a connect link")
+    assert link_box.get_by_role("combobox", name="User and CRM account").input_value() == \
+        f"{USER_EMAIL} · Field sales"
+    press(page, "Create connect link")
+    expect(page.get_by_text(f"Send this link to {USER_EMAIL}.")).to_be_visible()
+    link = page.locator("[data-testid=stCode]").inner_text().strip()
+    assert re.fullmatch(rf"{re.escape(c.url)}/connect/[\w.-]+", link), link
+    shot("connect-link-created")
+
+    # the app user, in a browser of their own
+    user, user_shot = journey.person("app-user", "journey-3-connect-user")
+    user.goto(link)
+    expect(user.get_by_role("heading", name=f"Connect Salesforce for {USER_NAME}")).to_be_visible()
+    user_shot("connect-link")
+    user.get_by_role("link", name="Sign in with Salesforce instead").click()
+    expect(user.get_by_role("heading", name="Allow access?")).to_be_visible()  # the sandbox's consent page
+    assert user.url.startswith(f"{c.sandbox_url}/salesforce/{ORG}/services/oauth2/authorize?")
+    user.get_by_label("Username").fill(SF_USERNAME)
+    user.get_by_label("Password").fill(SF_PASSWORD)
+    user_shot("consent")
+    user.get_by_role("button", name="Allow").click()
+    expect(user.get_by_role("heading", name="Connected")).to_be_visible()
+    expect(user.get_by_text("Field sales is connected.")).to_be_visible()
+    assert user.url.startswith(f"{c.url}/oauth/salesforce/callback?")
+    user_shot("connected")
+
+    open_page(page, f"{c.url}/tenant")
+    creds = table_after(page, "Stored credentials")
+    mine = [r for r in creds if r["Owner"] == USER_EMAIL]
+    assert len(mine) == 1, creds
+    assert (mine[0]["CRM account"], mine[0]["Purpose"], mine[0]["Kind"], mine[0]["State"]) == \
+        ("Field sales", "crm-login", "oauth_refresh", "active"), mine
+    page.get_by_role("heading", name="Stored credentials").scroll_into_view_if_needed()
+    shot("credential-stored")
+
+
+# -- 4. leadership, after ----------------------------------------------------------------------------------
+def test_4_leadership_sees_the_new_tenant_counted_in_adoption(journey):
+    from playwright.sync_api import expect
+
+    c = journey.console
+    before, tested_before = journey.notes["tenants_before"], journey.notes["tested_before"]
+    tested_share = f"{(tested_before + 1) / (before + 1):.0%}"  # Initrode's SSO is tested
+    # the nightly posture snapshot (cron), which the leadership overview aggregates
+    assert f"snapshot for {before + 1} tenant(s)" in journey.cli("posture-snapshot")
+    page, shot = journey.person("leadership", "journey-4-leadership-after")
+    open_page(page, f"{c.url}/adoption")
+    assert int(metric(page, "Tenants")) == before + 1
+    assert metric(page, "Tenants with tested SSO") == tested_share
+    expect(page.get_by_role("heading", name="Upgrade pipeline")).to_be_visible()
+    pipeline = {r["Tenant"]: r for r in table_after(page, "Upgrade pipeline")}
+    assert TENANT in pipeline, pipeline
+    assert pipeline[TENANT]["Level"] == "3 SSO tested" and pipeline[TENANT]["Next level"] == "4 Fully attributed"
+    shot("adoption-after")
+    open_page(page, f"{c.url}/")
+    assert int(metric(page, "Tenants")) == before + 1
+    assert metric(page, "Tenants with tested SSO") == tested_share
+    shot("overview-after")
