@@ -20,6 +20,7 @@ from core.accounts.service import (
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.service import list_tenants
+from pages._accounts import show_invite_result
 from pages._common import ago, principal, show_error
 
 p = principal()
@@ -133,12 +134,7 @@ with st.form("invite", clear_on_submit=True):
             with session_scope() as s:
                 result = invite_account(session=s, principal=p, email=email, role=role, tenant_id=tenant_id,
                                         name=name)
-            if result.emailed:
-                st.success(f"Invitation emailed to {result.email}. The link works once, for 3 days.")
-            else:
-                st.warning(f"The invitation for {result.email} is valid but the email could not be sent "
-                           f"({result.error}). Send them this link another way — it is shown only now:")
-                st.code(result.link_for_manual_delivery or "", language=None)
+            show_invite_result(result)
         except CrmBridgeError as exc:
             show_error(exc)
 

@@ -163,7 +163,7 @@ elif chosen == "go_live":
         try:
             with session_scope() as s:
                 ob.go_live(session=s, principal=p, tenant_id=tenant_id)
-            st.success(f"{tenant.name} is live.")
             st.balloons()
+            st.rerun()
         except CrmBridgeError as exc:
             show_error(exc)

@@ -114,7 +114,7 @@ def send_email(smtp: SmtpConfig, *, to: Sequence[str], subject: str, body: str,
         raise DeliveryFailed(
             f"Email could not be sent through {smtp.host}:{smtp.port} ({type(exc).__name__}: {_short(exc)})",
             fix="check CRMBRIDGE_SMTP_HOST and CRMBRIDGE_SMTP_PORT and that the mail server accepts mail from "
-                "this host; it is retried automatically",
+                "this host (alert deliveries are retried automatically)",
         ) from None
     if refused:
         raise DeliveryFailed(f"The mail server refused {len(refused)} of {len(to)} recipient(s): "

@@ -150,3 +150,19 @@ def test_overview_tenant_admin_sees_level_and_next_step(app_db):
     text = _texts(at)
     assert "Maturity level" in text and "Next step" in text
     assert "BigCorp" not in text
+
+
+def test_onboarding_users_step_invites_the_tenant_admin(app_db, monkeypatch):
+    monkeypatch.setenv("CRMBRIDGE_SMTP_PORT", "9")  # nothing listens: the link is shown for manual delivery
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    _demo(app_db)
+    at = run_page("onboarding.py", STAFF)
+    at.radio[0].set_value("users").run()
+    email_box = next(t for t in at.text_input if t.label == "Admin's email")
+    email_box.input("admin@newco.example")
+    next(b for b in at.button if b.label == "Invite the tenant's admin").click().run()
+    assert not at.exception
+    shown = "\n".join(w.value for w in at.warning) + "\n".join(c.value for c in at.code)
+    assert "admin@newco.example" in shown and "/auth/invite/" in shown
