@@ -20,8 +20,8 @@ from core.accounts.service import (
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.service import list_tenants
-from pages._accounts import show_invite_result
 from pages._common import ago, principal, show_error
+from pages._invites import show_invite_result
 
 p = principal()
 st.title("Console accounts")

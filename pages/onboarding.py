@@ -31,6 +31,10 @@ def _component(module: str, name: str):  # type: ignore[no-untyped-def]
 
 p = principal()
 st.title("Onboarding")
+flash = st.session_state.pop("onboarding_flash", None)
+if flash:
+    st.success(flash)
+    st.balloons()
 
 try:
     with session_scope() as s:
@@ -146,7 +150,7 @@ elif chosen == "sso":
     _done_button()
 elif chosen == "users":
     render_add_user(p, tenant_id, key="ob_add_user")
-    invite = _component("pages._accounts", "render_invite_admin")
+    invite = _component("pages._invites", "render_invite_admin")
     if invite:
         st.markdown("**Hand the credential and SSO steps to the tenant** — invite its admin:")
         invite(tenant_id)
@@ -163,7 +167,7 @@ elif chosen == "go_live":
         try:
             with session_scope() as s:
                 ob.go_live(session=s, principal=p, tenant_id=tenant_id)
-            st.balloons()
+            st.session_state["onboarding_flash"] = f"{tenant.name} is live."
             st.rerun()
         except CrmBridgeError as exc:
             show_error(exc)

@@ -311,6 +311,7 @@ class LinkView:
     policy: Policy
     held: service.CredentialInfo | None
     oauth: bool
+    mode: str = "per_user_password"  # the account's credential mode: what the page asks for
 
     @property
     def is_open(self) -> bool:
@@ -361,7 +362,10 @@ def _view(session: Session, link: VaultConnectLink, now: datetime) -> LinkView:
         instance_url=account.instance_url, settings_json=account.settings_json,
         expected_crm_user_id=_identity(session, link.app_user_id, link.crm_account_id) or "",
         created_at=link.created_at, expires_at=link.expires_at, consumed_at=link.consumed_at,
-        policy=get_policy(session, link.tenant_id), held=held, oauth=account.provider in _oauth_starters,
+        policy=get_policy(session, link.tenant_id), held=held,
+        # OAuth is offered where the provider supports it and the account is set up for it (it has an app).
+        oauth=account.provider in _oauth_starters and account.credential_mode == "per_user_oauth",
+        mode=account.credential_mode,
     )
 
 

@@ -80,6 +80,22 @@ def _revoke_form(view: LinkView, action: str) -> str:
 def _explain(view: LinkView) -> str:
     p = view.policy
     crm = esc(_crm(view))
+    if view.mode == "per_user_oauth":
+        return (
+            f"<p><b>{esc(view.tenant_name)}</b> uses CRM Bridge to sync your opportunities with "
+            f"<b>{esc(view.account_label)}</b> ({crm}). CRM Bridge acts in {crm} as you, with your consent.</p>"
+            "<h2>What will be stored</h2><ul>"
+            f"<li>Never your password: you sign in at {crm} itself and approve access. {crm} then gives CRM "
+            f"Bridge a token, encrypted with a key that belongs to {esc(view.tenant_name)} alone.</li>"
+            f"<li>The sign-in must be yours ({esc(view.user_email)}).</li></ul>"
+            "<h2>For how long</h2><ul>"
+            f"<li>At most {p.oauth_ttl_days} days; then you will be asked again.</li>"
+            f"<li>It self-destructs earlier: the first time {crm} rejects it, when unused for {p.idle_days} days, "
+            "or when you or your admin revoke it. You can also revoke the app's access in your "
+            f"{crm} settings.</li></ul>"
+            "<h2>How to revoke</h2><p>Open this link again at any time and press <b>Revoke it now</b>, or ask your "
+            "admin.</p>"
+        )
     return (
         f"<p><b>{esc(view.tenant_name)}</b> uses CRM Bridge to sync your opportunities with "
         f"<b>{esc(view.account_label)}</b> ({crm}). Your company has no spare API user there, so CRM Bridge "
@@ -108,6 +124,13 @@ def _form(view: LinkView, token: str, *, error: str = "") -> str:
     )
     oauth = (f"<p><a href='{esc(get_settings().public(f'/connect/{token}/oauth'))}'>Sign in with {crm} "
              "instead</a></p>" if view.oauth else "")
+    if view.oauth and view.mode == "per_user_oauth":
+        return (
+            (f"<p class=error>{esc(error)}</p>" if error else "")
+            + f"<p><a class=button href='{esc(get_settings().public(f'/connect/{token}/oauth'))}'>"
+            f"<button type=button>Sign in with {crm}</button></a></p>"
+            + f"<p class=note>This link works once and expires {esc(_when(view.expires_at))}.</p>"
+        )
     return (
         (f"<p class=error>{esc(error)}</p>" if error else "")
         + f"<form method=post action='{esc(action)}'><input type=hidden name=csrf value='{{csrf}}'>"

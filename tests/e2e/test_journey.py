@@ -464,7 +464,7 @@ def test_3_app_user_connects_through_a_link_and_the_sandbox_oauth_consent(journe
     user.goto(link)
     expect(user.get_by_role("heading", name=f"Connect Salesforce for {USER_NAME}")).to_be_visible()
     user_shot("connect-link")
-    user.get_by_role("link", name="Sign in with Salesforce instead").click()
+    user.get_by_role("button", name="Sign in with Salesforce").click()
     expect(user.get_by_role("heading", name="Allow access?")).to_be_visible()  # the sandbox's consent page
     assert user.url.startswith(f"{c.sandbox_url}/salesforce/{ORG}/services/oauth2/authorize?")
     user.get_by_label("Username").fill(SF_USERNAME)

@@ -17,18 +17,32 @@ ROLE_PAGES = {
 }
 
 
+_last_totp_step: dict[str, int] = {}
+
+
 def sign_in(page, console, email: str) -> None:  # type: ignore[no-untyped-def]
+    """Sign in through the real sign-in page; staff answer the TOTP step with the demo secret (a code is
+    accepted once per 30-second step, so a second staff sign-in waits for the next step)."""
     page.goto(f"{console.url}/auth/login")
     page.get_by_label("Email").fill(email)
     page.get_by_label("Password").fill(DEMO_PASSWORD)
     page.get_by_role("button", name="Sign in").click()
+    page.wait_for_selector("input[name=code], [data-testid='stApp']", timeout=30_000)
     mfa = page.locator("input[name=code]")
     if mfa.count():
+        import time
+
         import pyotp
 
-        from core.accounts.demo import DEMO_TOTP_SECRET  # type: ignore[import-not-found]
+        from core.accounts.demo import DEMO_TOTP_SECRET
 
-        mfa.fill(pyotp.TOTP(DEMO_TOTP_SECRET).now())
+        totp = pyotp.TOTP(DEMO_TOTP_SECRET)
+        step = int(time.time()) // 30
+        if _last_totp_step.get(email) == step:
+            time.sleep(30 - time.time() % 30 + 0.5)
+            step = int(time.time()) // 30
+        _last_totp_step[email] = step
+        mfa.fill(totp.at(step * 30))
         page.get_by_role("button").first.click()
     wait_streamlit(page)
 

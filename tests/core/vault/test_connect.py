@@ -261,8 +261,20 @@ def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm):
         return f"https://login.example/authorize?state={start.state}"
 
     connect.set_oauth_starter("salesforce", starter)
+    password_link = _link(app_db, world, user=1)
+    page = client.get(f"/connect/{password_link}").text
+    assert "Sign in with Salesforce" not in page and "name=password" in page  # no OAuth app on this account
+    with Session(app_db) as s:
+        from core.tenants.models import CrmAccount
+
+        acc = s.get(CrmAccount, world.account.id)
+        acc.credential_mode = "per_user_oauth"
+        s.add(acc)
+        s.commit()
     token = _link(app_db, world)
-    assert "Sign in with Salesforce instead" in client.get(f"/connect/{token}").text
+    page = client.get(f"/connect/{token}").text
+    assert "Sign in with Salesforce" in page and "Never your password" in page
+    assert "name=password" not in page  # an OAuth account never asks for the password
     resp = client.get(f"/connect/{token}/oauth", follow_redirects=False)
     assert resp.status_code == 303 and resp.headers["location"].endswith(starts[0].state)
     state = starts[0].state
@@ -277,7 +289,8 @@ def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm):
         assert s.get(VaultCredential, ref.id).kind == "oauth_refresh"
         with pytest.raises(LinkInvalid, match="already used"):  # a replayed callback
             connect.complete_oauth(s, state=state, secret="other-token", crm_user_id="005TINY00000001")
-        assert s.exec(select(VaultConnectLink)).one().failed_attempts == 1
+        link_row = s.exec(select(VaultConnectLink)).all()  # the password-account link and this one
+        assert sorted(r.failed_attempts for r in link_row) == [0, 1]
 
 
 def test_links_only_for_per_user_accounts_with_a_crm_identity(app_db, world):
