@@ -71,9 +71,9 @@ def load_scenario(session: Session, scenario: dict[str, Any], *, sandbox_url: st
                            signs_in_by_sso=bool(u.get("sso")), sso_subject=u["email"] if u.get("sso") else None)
             session.add(user)
             session.flush()
-            acc = accounts.get(u.get("account", ""), first)
-            if acc is not None and u.get("crm_user_id"):
-                session.add(AppUserCrmIdentity(app_user_id=user.id, crm_account_id=acc.id,  # type: ignore[arg-type]
+            user_acc = accounts.get(u.get("account", ""), first)
+            if user_acc is not None and u.get("crm_user_id"):
+                session.add(AppUserCrmIdentity(app_user_id=user.id, crm_account_id=user_acc.id,  # type: ignore[arg-type]
                                                crm_user_id=str(u["crm_user_id"])))
     demo_hash = hash_password(DEMO_PASSWORD)
     for c in scenario.get("console_accounts", []):

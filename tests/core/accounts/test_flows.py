@@ -321,6 +321,7 @@ def test_mfa_reset_by_admin_ends_sessions_and_requires_enrolment_again(web, app_
 
 def test_no_secret_reaches_the_database_audit_or_logs(web, app_db, smtp_sink, caplog, vault_keys):
     import logging
+
     from tests.conftest import stored_bytes
 
     caplog.set_level(logging.DEBUG)
