@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -54,6 +55,7 @@ def seed(db: Engine, clock: FrozenClock) -> None:
         s.commit()
 
 
+@pytest.mark.postgres
 def test_four_worker_processes_run_2000_jobs_each_exactly_once(
     file_engine: Engine, clock: FrozenClock, tmp_path: Path,
 ) -> None:
