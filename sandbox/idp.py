@@ -211,31 +211,10 @@ class SamlIdp:
             self._sign(root, tenant, after=None)
         return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
 
-    def issue_response(
-        self,
-        tenant: str,
-        *,
-        email: str,
-        acs_url: str,
-        audience: str,
-        in_response_to: str | None,
-        now: datetime | None = None,
-        issuer: str | None = None,
-        name_id: str | None = None,
-        lifetime: timedelta = timedelta(minutes=5),
-        sign_assertion: bool = True,
-        sign_response: bool = True,
-        status: str = STATUS_SUCCESS,
-        encrypt_for_cert_pem: bytes | str | None = None,
-    ) -> str:
-        """A signed samlp:Response as the base64 the browser POSTs in ``SAMLResponse``."""
-        return base64.b64encode(
-            self.response_xml(
-                tenant, email=email, acs_url=acs_url, audience=audience, in_response_to=in_response_to,
-                now=now, issuer=issuer, name_id=name_id, lifetime=lifetime, sign_assertion=sign_assertion,
-                sign_response=sign_response, status=status, encrypt_for_cert_pem=encrypt_for_cert_pem,
-            )
-        ).decode()
+    def issue_response(self, tenant: str, **kwargs: Any) -> str:
+        """A signed samlp:Response as the base64 the browser POSTs in ``SAMLResponse`` (the keyword
+        arguments are ``response_xml``'s)."""
+        return base64.b64encode(self.response_xml(tenant, **kwargs)).decode()
 
     def response_xml(
         self,
