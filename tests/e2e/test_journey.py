@@ -145,11 +145,13 @@ def table(page, index: int) -> list[dict[str, str]]:  # type: ignore[no-untyped-
 def table_after(page, heading: str) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
     """The rows of the first st.dataframe below the heading ``heading``."""
     grids = page.locator("[data-testid=stDataFrame]")
-    for i in range(grids.count()):
-        if grids.nth(i).evaluate(
-            """(g, h) => [...document.querySelectorAll('h1,h2,h3')].filter(x => x.innerText.trim() === h)
-                 .some(x => x.compareDocumentPosition(g) & Node.DOCUMENT_POSITION_FOLLOWING)""", heading):
-            return table(page, i)
+    for _ in range(120):  # tables below the fold may still be drawing: wait up to 30 s, then fail
+        for i in range(grids.count()):
+            if grids.nth(i).evaluate(
+                """(g, h) => [...document.querySelectorAll('h1,h2,h3')].filter(x => x.innerText.trim() === h)
+                     .some(x => x.compareDocumentPosition(g) & Node.DOCUMENT_POSITION_FOLLOWING)""", heading):
+                return table(page, i)
+        page.wait_for_timeout(250)
     raise AssertionError(f"no table after {heading!r}")
 
 
