@@ -30,13 +30,7 @@ ROUTE_MODULES = (
 def collect_routes() -> list[BaseRoute]:
     routes: list[BaseRoute] = []
     for name in ROUTE_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        routes.extend(getattr(mod, "routes", []))
+        routes.extend(importlib.import_module(name).routes)
     return routes
 
 
@@ -44,15 +38,10 @@ def startup_checks() -> None:
     """Refuse to start on missing keys (never invent them outside demo mode) and sweep the vault."""
     settings = get_settings()
     settings.server_secret()
-    try:
-        from core.vault import service as vault_service
-    except ModuleNotFoundError:
-        return
     from core.db import get_engine
+    from core.vault.service import sweep_on_start
 
-    sweep = getattr(vault_service, "sweep_on_start", None)
-    if sweep is not None:
-        sweep(get_engine())
+    sweep_on_start(get_engine())
 
 
 wire()

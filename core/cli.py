@@ -119,12 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     av.set_defaults(func=cmd_audit_verify)
 
     for name in PACKAGE_CLIS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+        mod = importlib.import_module(name)
         register: Callable[[argparse._SubParsersAction], None] = mod.register
         register(sub)
     return parser

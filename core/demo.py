@@ -97,11 +97,6 @@ def load_demo(*, reset: bool = False, only_if_empty: bool = False, path: Path | 
         slugs = load_scenario(s, scenario)
         now = utcnow()
         for name in PACKAGE_DEMOS:
-            try:
-                mod = importlib.import_module(name)
-            except ModuleNotFoundError as exc:
-                if exc.name != name:
-                    raise
-                continue
+            mod = importlib.import_module(name)
             mod.load_demo(s, scenario=scenario, principal=Principal.system("demo"), now=now, tenants=slugs)
     return f"demo: loaded {len(slugs)} tenants ({', '.join(slugs)})"

@@ -3,8 +3,6 @@ can resume where the last person stopped."""
 
 from __future__ import annotations
 
-import importlib
-
 import streamlit as st
 
 from core.db import session_scope
@@ -12,7 +10,11 @@ from core.errors import CrmBridgeError
 from core.tenants import onboarding as ob
 from core.tenants.models import CredentialMode
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants, set_credential_mode
+from core.vault.service import destroy_for_mode_change
 from pages._common import principal, show_error
+from pages._crm_accounts import render_add_crm_account, render_connection_test
+from pages._invites import render_invite_admin
+from pages._sso_status import render_sso_status
 from pages._users import render_add_user
 
 ICONS = {
@@ -20,13 +22,6 @@ ICONS = {
     "deferred": ":material/schedule:",
     "pending": ":material/radio_button_unchecked:",
 }
-
-
-def _component(module: str, name: str):  # type: ignore[no-untyped-def]
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ModuleNotFoundError, AttributeError):
-        return None
 
 
 p = principal()
@@ -106,9 +101,7 @@ def _done_button() -> None:
 if chosen == "crm_accounts":
     for a in accounts:
         st.write(f"- **{a.label}** — {a.provider} {a.edition}")
-    render_add = _component("pages._crm_accounts", "render_add_crm_account")
-    if render_add:
-        render_add(tenant_id)
+    render_add_crm_account(tenant_id)
     _done_button()
 elif chosen == "credential_mode":
     st.markdown(
@@ -125,35 +118,26 @@ elif chosen == "credential_mode":
             try:
                 with session_scope() as s:
                     set_credential_mode(session=s, principal=p, account_id=a.id, mode=new)
-                    destroy = _component("core.vault.service", "destroy_for_mode_change")
-                    if destroy and new != CredentialMode.per_user_password.value:
-                        destroy(s, principal=p, crm_account_id=a.id)
+                    if new != CredentialMode.per_user_password.value:
+                        destroy_for_mode_change(s, principal=p, crm_account_id=a.id)
                 st.rerun()
             except CrmBridgeError as exc:
                 show_error(exc)
     _done_button()
 elif chosen == "connection_test":
-    render_test = _component("pages._crm_accounts", "render_connection_test")
     for a in accounts:
         st.markdown(f"**{a.label}** — last test: "
                     f"{'passed' if a.last_test_ok else 'failed' if a.last_test_at else 'never run'}")
-        if render_test:
-            render_test(a.id)
+        render_connection_test(a.id)
     _done_button()
 elif chosen == "sso":
     st.markdown("Import the tenant's IdP metadata, fix what the lint reports, and run a test login on the SSO page.")
-    sso_state = _component("pages._sso_status", "render_sso_status")
-    if sso_state:
-        sso_state(tenant_id)
-    else:
-        st.info("Open **SSO** in the sidebar to import the metadata and run the test login.")
+    render_sso_status(tenant_id)
     _done_button()
 elif chosen == "users":
     render_add_user(p, tenant_id, key="ob_add_user")
-    invite = _component("pages._invites", "render_invite_admin")
-    if invite:
-        st.markdown("**Hand the credential and SSO steps to the tenant** — invite its admin:")
-        invite(tenant_id)
+    st.markdown("**Hand the credential and SSO steps to the tenant** — invite its admin:")
+    render_invite_admin(tenant_id)
     _done_button()
 elif chosen == "go_live":
     missing = [x.title for x in view.steps if x.key != "go_live" and not x.settled]

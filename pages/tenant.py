@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-
 import streamlit as st
 
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.service import get_tenant, list_app_users, list_crm_accounts
 from pages._common import ago, principal, selected_tenant_id, show_error
+from pages._credentials import render_credentials
+from pages._crm_accounts import render_add_crm_account, render_connection_test, render_quota
 from pages._users import render_add_user
-
-
-def _component(module: str, name: str):  # type: ignore[no-untyped-def]
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ModuleNotFoundError, AttributeError):
-        return None
-
 
 p = principal()
 tenant_id = selected_tenant_id(p)
@@ -47,25 +39,16 @@ if accounts:
 else:
     st.info("No CRM account yet: add the first one below.")
 
-render_test = _component("pages._crm_accounts", "render_connection_test")
-render_quota = _component("pages._crm_accounts", "render_quota")
 for a in accounts:
-    if render_test or render_quota:
-        with st.expander(f"{a.label} — {a.provider} {a.edition}"):
-            if render_test:
-                render_test(a.id)
-            if render_quota:
-                render_quota(a.id)
+    with st.expander(f"{a.label} — {a.provider} {a.edition}"):
+        render_connection_test(a.id)
+        render_quota(a.id)
 
-render_add = _component("pages._crm_accounts", "render_add_crm_account")
-if render_add:
-    with st.expander("Add a CRM account", expanded=not accounts):
-        render_add(tenant_id)
+with st.expander("Add a CRM account", expanded=not accounts):
+    render_add_crm_account(tenant_id)
 
-render_creds = _component("pages._credentials", "render_credentials")
-if render_creds:
-    st.subheader("Stored credentials")
-    render_creds(tenant_id)
+st.subheader("Stored credentials")
+render_credentials(tenant_id)
 
 st.subheader(f"Users ({len(users)})")
 if users:

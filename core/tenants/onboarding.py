@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlalchemy import func
 from sqlmodel import Field, Session, SQLModel, select
 
 from core.clock import utcnow
@@ -115,15 +116,12 @@ def _check_connection(session: Session, tenant: Tenant) -> tuple[bool, str]:
 
 
 def _check_users(session: Session, tenant: Tenant) -> tuple[bool, str]:
-    n = len(session.exec(select(AppUser.id).where(AppUser.tenant_id == tenant.id)).all())
+    n = session.exec(select(func.count()).select_from(AppUser).where(AppUser.tenant_id == tenant.id)).one()
     return n > 0, f"{n} user(s)" if n else "no user yet: add or import users"
 
 
 def _check_sso_default(session: Session, tenant: Tenant) -> tuple[bool, str]:
-    try:
-        from core.sso.service import sso_summary
-    except ImportError:
-        return False, "SSO is not available in this build"
+    from core.sso.service import sso_summary  # sso depends on tenants, not the reverse: import on use
     summary = sso_summary(session=session, principal=Principal.system("onboarding"), tenant_id=tenant.id)  # type: ignore[arg-type]
     if not summary["configured"]:
         return False, "no IdP metadata imported yet: import it on the SSO page"
