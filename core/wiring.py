@@ -5,7 +5,8 @@ connect link against the sandbox.
 - the credential tester: a password entered on a connect link is tested against the CRM before it
   is stored, and the CRM identity it logs in as must be the link's app user;
 - the OAuth starter and completion: a connect link offers the CRM's OAuth consent where the provider
-  supports it, with the provider's signed ``state`` bound to the link.
+  supports it, with the provider's signed ``state`` bound to the link;
+- the SSO gate: where the tenant has tested SSO, the link's app user signs in through it first.
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def _complete_link_oauth(done):  # type: ignore[no-untyped-def]
     return f"{done.account.label} is connected. You can close this page."
 
 
+def _sso_gate(req):  # type: ignore[no-untyped-def]
+    from core.sso.service import CONNECT_PASS_COOKIE, connect_gate_target, connect_pass_ok
+
+    if connect_pass_ok(req.request.cookies.get(CONNECT_PASS_COOKIE), tenant_id=req.tenant_id,
+                       email=req.app_user_email):
+        return None
+    with session_scope() as s:
+        return connect_gate_target(session=s, tenant_id=req.tenant_id, app_user_email=req.app_user_email,
+                                   link_url=req.link_url)
+
+
 def wire() -> None:
     """Register the hooks (idempotent)."""
     global _wired
@@ -80,6 +92,7 @@ def wire() -> None:
     from core.vault import connect
 
     connect.set_credential_tester(_test_link_credential)
+    connect.set_sso_gate(_sso_gate)
     for slug in available_providers():
         try:
             cls = get_provider_class(slug)

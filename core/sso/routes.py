@@ -3,6 +3,7 @@
     GET  /sso/{tenant}/metadata   the tenant's signed SP metadata
     GET  /sso/{tenant}/login      SP-initiated console sign-in (``?next=/relative/path``)
     GET  /sso/{tenant}/test       start a test login (needs a console session of staff or that tenant's admin)
+    GET  /sso/{tenant}/connect    the sign-in a connect link asks of its app user first (``?r=`` sealed)
     POST /sso/{tenant}/acs        the assertion consumer service
 
 Every absolute URL comes from CRMBRIDGE_PUBLIC_URL (core.sso.sp.sp_endpoints), never from the Host
@@ -20,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from core.db import session_scope
 from core.errors import CrmBridgeError, NotFound, SessionInvalid
+from core.settings import get_settings
 from core.sso import service
 from core.sso.sp import MAX_RESPONSE_B64, AuthnStart
 from core.web import SESSION_COOKIE, esc, html_page, set_session_cookie
@@ -29,10 +31,12 @@ log = logging.getLogger(__name__)
 MAX_ACS_BODY = MAX_RESPONSE_B64 * 2 + 16_384  # form-encoding can double base64's size
 
 
-def _error_page(title: str, message: str, fix: str, status: int) -> Response:
+def _error_page(title: str, message: str, fix: str, status: int, *, console: bool = True) -> Response:
+    """An error page; ``console`` adds the console's password sign-in (not for an app user on a
+    connect link, who has no console account)."""
     body = (f"<h1>{esc(title)}</h1><p class=error role=alert>{esc(message)}</p>"
             + (f"<p>{esc(fix)}</p>" if fix else "")
-            + "<p class=note><a href='/auth/login'>Sign in with a password</a></p>")
+            + ("<p class=note><a href='/auth/login'>Sign in with a password</a></p>" if console else ""))
     return html_page(title, body, status)
 
 
@@ -101,6 +105,22 @@ async def test(request: Request) -> Response:
     return _send_to_idp(start)
 
 
+async def connect_start(request: Request) -> Response:
+    slug = request.path_params["tenant"]
+    sealed = request.query_params.get("r")
+
+    def work() -> AuthnStart:
+        with session_scope() as s:
+            return service.start_connect_login(session=s, tenant_slug=slug, sealed=sealed)
+
+    try:
+        start = await run_in_threadpool(work)
+    except CrmBridgeError as exc:
+        return _error_page("Single sign-on", str(exc), "", 404 if isinstance(exc, NotFound) else 400,
+                           console=False)
+    return _send_to_idp(start)
+
+
 async def acs(request: Request) -> Response:
     slug = request.path_params["tenant"]
     length = request.headers.get("content-length")
@@ -127,6 +147,15 @@ async def acs(request: Request) -> Response:
         return _error_page("Single sign-on", str(exc), "", 500)
     if outcome.purpose == service.PURPOSE_TEST and outcome.redirect:
         return RedirectResponse(outcome.redirect, status_code=303)
+    if outcome.purpose == service.PURPOSE_CONNECT:
+        if not (outcome.ok and outcome.token and outcome.redirect):
+            return _error_page("Single sign-on failed", outcome.message, outcome.fix, outcome.status_code or 403,
+                               console=False)
+        resp = RedirectResponse(outcome.redirect, status_code=303)
+        resp.set_cookie(service.CONNECT_PASS_COOKIE, outcome.token,
+                        max_age=int(service.CONNECT_PASS_TTL.total_seconds()), httponly=True, samesite="lax",
+                        secure=get_settings().public_url.startswith("https://"), path="/connect/")
+        return resp
     if outcome.ok and outcome.token and outcome.redirect:
         resp = RedirectResponse(outcome.redirect, status_code=303)
         set_session_cookie(resp, outcome.token)
@@ -138,5 +167,6 @@ routes: list[BaseRoute] = [
     Route("/sso/{tenant}/metadata", metadata, methods=["GET"]),
     Route("/sso/{tenant}/login", login, methods=["GET"]),
     Route("/sso/{tenant}/test", test, methods=["GET"]),
+    Route("/sso/{tenant}/connect", connect_start, methods=["GET"]),
     Route("/sso/{tenant}/acs", acs, methods=["POST"]),
 ]

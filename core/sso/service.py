@@ -1,5 +1,6 @@
 """SSO services: import and lint IdP metadata per tenant, SP keys in the vault, SP-initiated logins,
-the ACS (test logins and tenant-admin sign-in), pasted-response checks and the certificate watch.
+the ACS (test logins, tenant-admin sign-in, and the sign-in a connect link asks of an app user
+first), pasted-response checks and the certificate watch.
 
 Every service checks access with core.tenants.access first (the ACS and the SP metadata are the
 public ends of the protocol and check the SAML instead), writes an audit event for each change,
@@ -9,6 +10,7 @@ and keeps secrets out of rows, logs and messages: the SP private keys live in th
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -19,6 +21,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 from onelogin.saml2.settings import OneLogin_Saml2_Settings
 from sqlalchemy import bindparam, insert, update
@@ -26,8 +29,9 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from core.accounts.secrets import open_platform, seal_platform
 from core.clock import aware, utcnow
-from core.errors import MetadataInvalid, NotFound
+from core.errors import CredentialInvalid, InvalidInput, MetadataInvalid, NotFound
 from core.settings import get_settings
 from core.sso.fetch import FetchResult, Resolver, fetch_metadata
 from core.sso.lint import (
@@ -62,6 +66,10 @@ log = logging.getLogger(__name__)
 
 PURPOSE_TEST = "test"
 PURPOSE_SIGN_IN = "sign_in"
+PURPOSE_CONNECT = "connect"  # an app user proves who they are before a connect link takes their CRM login
+CONNECT_PASS_COOKIE = "crmbridge_connect_sso"
+CONNECT_PASS_TTL = timedelta(minutes=15)
+CONNECT_START_TTL = timedelta(minutes=10)
 SP_ROLLOVER_DAYS = 30  # start publishing the next SP key this long before the active one expires
 SP_ACTIVATE_AFTER = timedelta(days=7)  # IdPs refresh metadata daily: switch a week after publishing
 CERT_THRESHOLDS = ((0, "expired"), (7, "7"), (30, "30"), (90, "90"))
@@ -684,9 +692,12 @@ def _tenant_by_slug(session: Session, slug: str) -> Tenant:
 
 def _start(
     session: Session, *, tenant: Tenant, config: SsoConfig, purpose: str, relay_state: str | None,
-    started_by: str | None, now: datetime,
+    started_by: str | None, now: datetime, send_relay: bool = True,
 ) -> AuthnStart:
+    """Build and remember an AuthnRequest. ``relay_state`` is kept on the request row; it goes to the
+    IdP too unless ``send_relay`` is False (a connect link's address stays with us)."""
     idp = idp_config(config)
+    to_idp = relay_state if send_relay else None
     keys = _published_keys(session, tenant.id)  # type: ignore[arg-type]
     active = _active_key(keys)
     d = build_settings_dict(sp=sp_endpoints(tenant.slug), idp=idp,
@@ -695,13 +706,13 @@ def _start(
         with _private_keys(session, [active], principal=ACS_PRINCIPAL, reason="sign SAML AuthnRequest",
                            now=now) as (pem,):
             d["sp"]["privateKey"] = pem
-            start = build_authn_request(settings=make_settings(d), idp=idp, relay_state=relay_state,
+            start = build_authn_request(settings=make_settings(d), idp=idp, relay_state=to_idp,
                                         force_authn=purpose == PURPOSE_TEST, sign_key_pem=pem,
                                         sign_cert_pem=active.cert_pem, now=now)
             d["sp"]["privateKey"] = ""
     else:
         d["security"]["authnRequestsSigned"] = False
-        start = build_authn_request(settings=make_settings(d), idp=idp, relay_state=relay_state,
+        start = build_authn_request(settings=make_settings(d), idp=idp, relay_state=to_idp,
                                     force_authn=purpose == PURPOSE_TEST, now=now)
     session.add(SsoRequest(
         request_id=start.request_id, tenant_id=tenant.id, purpose=purpose,  # type: ignore[arg-type]
@@ -745,6 +756,131 @@ def start_test_login(
     record_event(session, principal=principal, action="sso.test.start", tenant_id=tenant_id,
                  target=f"sso_request:{start.request_id}", at=now)
     return start
+
+
+# --- connect links: the app user signs in through the tenant's SSO first -----------------------------------
+#
+# The vault's connect link calls a gate (core.wiring) before it shows its form or takes a submission.
+# Where the tenant has tested SSO and the browser holds no pass for this app user, the gate sends the
+# browser to /sso/{tenant}/connect?r=<sealed>, which starts an AuthnRequest; the ACS checks that the IdP
+# signed in the link's own app user, sets a short pass cookie (path /connect/) and returns to the link.
+# The link's address (a bearer token) never goes to the IdP and is stored sealed, never in clear.
+
+
+def _seal_owner(tenant_id: int) -> str:
+    return f"tenant:{tenant_id}"
+
+
+def _is_link_url(url: str) -> bool:
+    prefix = get_settings().public("/connect/")
+    return url.startswith(prefix) and "/" not in url[len(prefix):].strip("/") and len(url) > len(prefix)
+
+
+def connect_gate_target(
+    *, session: Session, tenant_id: int, app_user_email: str, link_url: str, now: datetime | None = None
+) -> str | None:
+    """Where a connect link must send its user first: the tenant's SSO sign-in, when the tenant has a
+    tested SSO configuration and is not suspended; else None (the link works with no SSO step)."""
+    now = _now(now)
+    tenant = session.get(Tenant, tenant_id)
+    config = _config(session, tenant_id)
+    if tenant is None or config is None or tenant.status == TenantStatus.suspended.value:
+        return None
+    if config.tested_at is None or not config.last_test_ok:
+        return None
+    if not _is_link_url(link_url):
+        raise InvalidInput(f"A connect link's address must start with {get_settings().public('/connect/')}.")
+    blob = json.dumps({"p": link_url, "e": app_user_email.strip().lower(),
+                       "x": int((now + CONNECT_START_TTL).timestamp())})
+    sealed = seal_platform(blob, owner=_seal_owner(tenant_id), purpose="sso-connect-start")
+    return get_settings().public(f"/sso/{tenant.slug}/connect?r={quote(sealed, safe='')}")
+
+
+def start_connect_login(
+    *, session: Session, tenant_slug: str, sealed: str | None, now: datetime | None = None
+) -> AuthnStart:
+    """Start the SSO sign-in a connect link asked for (``sealed`` comes from ``connect_gate_target``).
+
+    Raises:
+        NotFound: unknown tenant, or no SSO configured.
+        InvalidInput: a damaged or expired start (the fix: open the connect link again).
+    """
+    now = _now(now)
+    tenant = _tenant_by_slug(session, tenant_slug)
+    again = "Open your connect link again."
+    try:
+        data = json.loads(open_platform(sealed or "", owner=_seal_owner(tenant.id),  # type: ignore[arg-type]
+                                        purpose="sso-connect-start"))
+        path, email, expires = str(data["p"]), str(data["e"]), int(data["x"])
+    except (CredentialInvalid, ValueError, KeyError, TypeError):
+        raise InvalidInput("This single sign-on step is damaged or belongs to another company.", fix=again) from None
+    if expires < now.timestamp():
+        raise InvalidInput("This single sign-on step expired (10 minutes).", fix=again)
+    config = _config(session, tenant.id)  # type: ignore[arg-type]
+    if config is None:
+        raise NotFound(f"{tenant.name} no longer signs in through SSO: open your connect link again.")
+    sealed_path = seal_platform(path, owner=_seal_owner(tenant.id), purpose="sso-connect-return")  # type: ignore[arg-type]
+    start = _start(session, tenant=tenant, config=config, purpose=PURPOSE_CONNECT, relay_state=sealed_path,
+                   started_by=email, now=now, send_relay=False)
+    record_event(session, principal=email, action="sso.connect.start", tenant_id=tenant.id,
+                 target=f"sso_request:{start.request_id}", at=now)
+    return start
+
+
+def _pass_mac(tenant_id: int, email: str, expires: int) -> str:
+    msg = f"crmbridge/sso/connect-pass/v1|{tenant_id}|{email.strip().lower()}|{expires}".encode()
+    return hmac.new(get_settings().server_secret(), msg, hashlib.sha256).hexdigest()
+
+
+def connect_pass(tenant_id: int, email: str, now: datetime | None = None) -> str:
+    """The cookie value proving this browser signed in through the tenant's SSO as ``email``."""
+    expires = int((_now(now) + CONNECT_PASS_TTL).timestamp())
+    return f"{expires}.{_pass_mac(tenant_id, email, expires)}"
+
+
+def connect_pass_ok(value: str | None, *, tenant_id: int, email: str, now: datetime | None = None) -> bool:
+    """True when ``value`` is an unexpired pass for this tenant's app user ``email``."""
+    expires, _, mac = (value or "").partition(".")
+    if not expires.isdigit() or int(expires) < _now(now).timestamp():
+        return False
+    return hmac.compare_digest(_pass_mac(tenant_id, email, int(expires)), mac)
+
+
+def _connect_outcome(
+    session: Session, *, tenant: _AcsTarget, result: ResponseCheck, request: _RequestRow, now: datetime
+) -> AcsOutcome:
+    expected = (request.started_by or "").lower()
+    again = "Open your connect link again."
+    if not result.ok:
+        record_event(session, principal=expected or ACS_PRINCIPAL.email, action="sso.connect.refused",
+                     tenant_id=tenant.tenant_id, target=f"tenant:{tenant.slug}", details={"code": result.code},
+                     at=now)
+        return _refused(result.code, f"Single sign-on failed: {result.error}", result.fix or again,
+                        purpose=PURPOSE_CONNECT)
+    signed_in = (result.email or "").strip().lower()
+    if not expected or signed_in != expected:
+        record_event(session, principal=expected or ACS_PRINCIPAL.email, action="sso.connect.refused",
+                     tenant_id=tenant.tenant_id, target=f"tenant:{tenant.slug}",
+                     details={"code": "wrong_user", "signed_in_as": signed_in or None}, at=now)
+        return _refused(
+            "wrong_user",
+            f"Your company's single sign-on signed you in as {signed_in or 'an identity without an email address'}, "
+            f"but this connect link is for {expected}.",
+            f"Sign out of your company's single sign-on and open the link again as {expected}, or ask your admin "
+            "for a link of your own.", purpose=PURPOSE_CONNECT)
+    try:
+        path = open_platform(request.relay_state or "", owner=_seal_owner(tenant.tenant_id),
+                             purpose="sso-connect-return")
+    except CredentialInvalid:
+        return _refused("damaged", "This sign-in request lost its way back to the connect link.", again,
+                        purpose=PURPOSE_CONNECT)
+    if not _is_link_url(path):  # the public URL changed since the request was sent
+        return _refused("damaged", "This sign-in request lost its way back to the connect link.", again,
+                        purpose=PURPOSE_CONNECT)
+    record_event(session, principal=expected, action="sso.connect.passed", tenant_id=tenant.tenant_id,
+                 target=f"tenant:{tenant.slug}", at=now)
+    return AcsOutcome(ok=True, purpose=PURPOSE_CONNECT, redirect=path,
+                      token=connect_pass(tenant.tenant_id, expected, now), code="ok", status_code=303)
 
 
 # --- the ACS ------------------------------------------------------------------------------------------------
@@ -1015,6 +1151,9 @@ def consume_response(
                           message="Test login passed: no session was created." if result.ok else (result.error or ""),
                           fix=result.fix or "", code=result.code, trace_id=trace.id)
 
+    if purpose == PURPOSE_CONNECT:
+        assert request is not None  # a connect sign-in always answers our request
+        return _connect_outcome(session, tenant=tenant, result=result, request=request, now=now)
     if not result.ok:
         record_event(session, principal=result.email or ACS_PRINCIPAL.email, action="sso.sign_in.refused",
                      tenant_id=tenant.tenant_id, target=f"tenant:{tenant.slug}", details={"code": result.code},

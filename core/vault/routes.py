@@ -268,9 +268,14 @@ async def connect_oauth(request: Request) -> Response:
     token = request.path_params["token"]
 
     def start() -> Response:
+        now = utcnow()
         try:
             with session_scope() as s:
-                url = connect.oauth_start_url(s, token, now=utcnow())
+                view = connect.open_link(s, token, now=now, audit=False)
+            if view.is_open and _gate(view, token, request):  # SSO first: back to the link, which sends them
+                return RedirectResponse(get_settings().public(f"/connect/{token}"), status_code=303)
+            with session_scope() as s:
+                url = connect.oauth_start_url(s, token, now=now)
         except LinkInvalid as exc:
             return _invalid(str(exc))
         return RedirectResponse(url, status_code=303)

@@ -9,8 +9,9 @@
 2. the invited admin sets a password, later signs in through Initrode's SSO, and sees posture and sync
    health (after the scheduler's sync pass, as a deployment's cron runs it);
 3. the admin adds Initrode's field-sales Salesforce account, where each user connects their own login
-   (per-user OAuth), and sends a connect link; the app user opens it in a fresh browser, signs in with
-   Salesforce on the sandbox's consent page, and the admin sees the stored credential;
+   (per-user OAuth), and sends a connect link; the app user opens it in a fresh browser, signs in
+   through Initrode's SSO first (the tenant has tested SSO), then with Salesforce on the sandbox's
+   consent page, and the admin sees the stored credential;
 4. after the nightly posture snapshot, leadership sees Initrode counted in adoption.
 
 The tests run in order and share browser contexts (one per person). Every step is screenshotted into
@@ -134,25 +135,56 @@ def pick_step(page, title: str) -> None:  # type: ignore[no-untyped-def]
     assert radio.is_checked()
 
 
-def table(page, index: int) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
-    """The rows of the index-th visible st.dataframe, read from its accessible grid."""
-    grid = page.locator("[data-testid=stDataFrame]").nth(index)
-    heads = grid.locator("[role=columnheader]").all_inner_texts()
-    cells = grid.locator("[role=gridcell]").all_inner_texts()
+def _read_grid(grid) -> tuple[list[str], list[str]]:  # type: ignore[no-untyped-def]
+    return grid.locator("[role=columnheader]").all_inner_texts(), grid.locator("[role=gridcell]").all_inner_texts()
+
+
+def _rows(heads: list[str], cells: list[str]) -> list[dict[str, str]]:
     return [dict(zip(heads, cells[i:i + len(heads)], strict=True)) for i in range(0, len(cells), len(heads))]
 
 
-def table_after(page, heading: str) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
-    """The rows of the first st.dataframe below the heading ``heading``."""
+def _drawn(heads: list[str], cells: list[str], needs: tuple[str, ...]) -> bool:
+    return bool(heads) and len(cells) % len(heads) == 0 and set(needs) <= set(heads)
+
+
+def table(page, index: int, needs: tuple[str, ...] = ()) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+    """The rows of the index-th visible st.dataframe, read from its accessible grid.
+
+    The grid is in the DOM before its header and cells are: scroll it into view and wait (up to 30 s)
+    until the header (with the ``needs`` columns) is drawn and the cells fill whole rows, so a
+    half-drawn grid is never read."""
+    grid = page.locator("[data-testid=stDataFrame]").nth(index)
+    grid.scroll_into_view_if_needed()
+    heads: list[str] = []
+    cells: list[str] = []
+    for _ in range(120):
+        heads, cells = _read_grid(grid)
+        if _drawn(heads, cells, needs):
+            return _rows(heads, cells)
+        page.wait_for_timeout(250)
+    raise AssertionError(f"table {index} was never drawn whole: headers {heads}, {len(cells)} cells")
+
+
+def table_after(page, heading: str, needs: tuple[str, ...] = ()) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+    """The rows of the first st.dataframe below the heading ``heading`` that has the ``needs`` columns
+    (a page still drawing can show a later table before this one: wait up to 30 s, then fail)."""
     grids = page.locator("[data-testid=stDataFrame]")
-    for _ in range(120):  # tables below the fold may still be drawing: wait up to 30 s, then fail
+    seen: list[list[str]] = []
+    for _ in range(120):
+        seen = []
         for i in range(grids.count()):
-            if grids.nth(i).evaluate(
+            grid = grids.nth(i)
+            if grid.evaluate(
                 """(g, h) => [...document.querySelectorAll('h1,h2,h3')].filter(x => x.innerText.trim() === h)
                      .some(x => x.compareDocumentPosition(g) & Node.DOCUMENT_POSITION_FOLLOWING)""", heading):
-                return table(page, i)
+                grid.scroll_into_view_if_needed()
+                heads, cells = _read_grid(grid)
+                if _drawn(heads, cells, needs):
+                    return _rows(heads, cells)
+                seen.append(heads)
+                break
         page.wait_for_timeout(250)
-    raise AssertionError(f"no table after {heading!r}")
+    raise AssertionError(f"no table with columns {needs} after {heading!r}; the first one there had {seen}")
 
 
 def main_text(page) -> str:  # type: ignore[no-untyped-def]
@@ -359,7 +391,7 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     shot("live")
 
     open_page(page, f"{c.url}/tenants")
-    row = next(r for r in table(page, 0) if r["Slug"] == SLUG)
+    row = next(r for r in table(page, 0, needs=("Slug",)) if r["Slug"] == SLUG)
     assert (row["Name"], row["Status"], row["CRM accounts"], row["Users"]) == (TENANT, "live", "1", "1"), row
     shot("tenants-list")
 
@@ -463,7 +495,13 @@ def test_3_app_user_connects_through_a_link_and_the_sandbox_oauth_consent(journe
 
     # the app user, in a browser of their own
     user, user_shot = journey.person("app-user", "journey-3-connect-user")
-    user.goto(link)
+    user.goto(link)  # Initrode has tested SSO: the user signs in through it before the link says anything
+    expect(user.get_by_role("heading", name=f"Sandbox IdP — {SLUG}")).to_be_visible()
+    assert link.rsplit("/", 1)[1] not in user.url  # the link's token never goes to the IdP
+    user_shot("connect-sso-first")
+    user.get_by_role("textbox", name="Email").fill(USER_EMAIL)
+    user.get_by_role("button", name="Sign in", exact=True).click()
+    user.wait_for_url(link)
     expect(user.get_by_role("heading", name=f"Connect Salesforce for {USER_NAME}")).to_be_visible()
     user_shot("connect-link")
     user.get_by_role("button", name="Sign in with Salesforce").click()
@@ -479,7 +517,7 @@ def test_3_app_user_connects_through_a_link_and_the_sandbox_oauth_consent(journe
     user_shot("connected")
 
     open_page(page, f"{c.url}/tenant")
-    creds = table_after(page, "Stored credentials")
+    creds = table_after(page, "Stored credentials", needs=("Owner", "State"))
     mine = [r for r in creds if r["Owner"] == USER_EMAIL]
     assert len(mine) == 1, creds
     assert (mine[0]["CRM account"], mine[0]["Purpose"], mine[0]["Kind"], mine[0]["State"]) == \
@@ -502,7 +540,7 @@ def test_4_leadership_sees_the_new_tenant_counted_in_adoption(journey):
     assert int(metric(page, "Tenants")) == before + 1
     assert metric(page, "Tenants with tested SSO") == tested_share
     expect(page.get_by_role("heading", name="Upgrade pipeline")).to_be_visible()
-    pipeline = {r["Tenant"]: r for r in table_after(page, "Upgrade pipeline")}
+    pipeline = {r["Tenant"]: r for r in table_after(page, "Upgrade pipeline", needs=("Tenant",))}
     assert TENANT in pipeline, pipeline
     assert pipeline[TENANT]["Level"] == "3 SSO tested" and pipeline[TENANT]["Next level"] == "4 Fully attributed"
     shot("adoption-after")
