@@ -173,6 +173,15 @@ def _address_problem(ip: str) -> str | None:
     return None
 
 
+def masked_webhook_url(url: str) -> str:
+    """What the console shows of a webhook URL: scheme, host and port; the path (which may hold the
+    receiver's token) becomes "…"."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    rest = "/…" if (parts.path.strip("/") or parts.query) else "/"
+    return f"{parts.scheme}://{parts.hostname}{port}{rest}"
+
+
 def check_webhook_url(url: str, *, allow_private: bool) -> str:
     """Validate a webhook URL's shape (at channel creation). Raises InvalidInput naming the fix."""
     url = (url or "").strip()

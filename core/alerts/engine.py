@@ -58,6 +58,10 @@ def webhook_purpose(channel_id: int) -> str:
     return f"alert-webhook-{channel_id}"
 
 
+def webhook_url_purpose(channel_id: int) -> str:
+    return f"alert-webhook-url-{channel_id}"
+
+
 def channel_owner(channel_id: int) -> str:
     return f"alert_channel:{channel_id}"
 
@@ -306,12 +310,14 @@ def deliver(
                 session.commit()
                 send_email(smtp or SmtpConfig.from_settings(), to=to, subject=subject, body=body, now=now)
             else:
-                assert ch.id is not None and ch.secret_ref
+                assert ch.id is not None and ch.secret_ref and ch.url_ref
+                url = read_secret(session, ch.url_ref, principal=SYSTEM, owner=channel_owner(ch.id),
+                                  purpose=webhook_url_purpose(ch.id), reason="send an alert webhook", now=now)
                 secret = read_secret(session, ch.secret_ref, principal=SYSTEM, owner=channel_owner(ch.id),
                                      purpose=webhook_purpose(ch.id), reason="sign an alert webhook", now=now)
                 body_bytes = json.dumps(payload(notice, tenant, delivery.id), sort_keys=True).encode()
                 session.commit()
-                status_code = post_webhook(ch.target, body=body_bytes, secret=secret, event=f"alert.{notice.kind}",
+                status_code = post_webhook(url, body=body_bytes, secret=secret, event=f"alert.{notice.kind}",
                                            delivery_id=f"delivery-{delivery.id}", now=now, client=http,
                                            allow_private=allow)
         except CrmBridgeError as exc:

@@ -1,9 +1,10 @@
 """Tables of core.alerts.
 
 - ``alert_rule_setting``: per-tenant switch and thresholds of a rule (defaults when absent).
-- ``alert_channel``: where a tenant's alerts go (email recipients, or a webhook URL whose signing
-  secret lives in the vault — only its reference is here); ``tenant_id`` NULL is a staff channel
-  that receives the cross-tenant digest.
+- ``alert_channel``: where a tenant's alerts go (email recipients, or a webhook whose URL and signing
+  secret live in the vault — only their references and the URL's masked form are here: receivers
+  such as Slack put their token in the URL); ``tenant_id`` NULL is a staff channel that receives the
+  cross-tenant digest.
 - ``alert_state``: one row per (tenant, rule, subject): firing or clear, so each condition alerts once.
 - ``alert_notice``: what happened (fired, escalated, recovered, test, digest), for the log and digest.
 - ``alert_delivery``: one notice to one channel, with its attempts, backoff and last error.
@@ -66,7 +67,8 @@ class AlertChannel(SQLModel, table=True):
     tenant_id: int | None = Field(default=None, foreign_key="tenant.id", index=True)
     kind: str = Field(max_length=10)
     name: str = Field(max_length=120)
-    target: str = Field(max_length=2000)  # recipients (comma-separated) or the webhook URL
+    target: str = Field(max_length=2000)  # recipients (comma-separated), or the webhook URL masked (https://host/…)
+    url_ref: str | None = Field(default=None, max_length=2000)  # the webhook's full URL (vault reference)
     secret_ref: str | None = Field(default=None, max_length=2000)  # webhook signing secret (vault reference)
     secret_revealed_at: datetime | None = Field(default=None, sa_column=utc_column())
     rules_json: str = Field(default="[]", max_length=2000)  # [] = every rule

@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 
 from core.accounts.secrets import forget_secret, read_secret, store_secret
 from core.alerts import engine, sources
-from core.alerts.channels import SmtpConfig, check_webhook_url, parse_recipients
+from core.alerts.channels import SmtpConfig, check_webhook_url, masked_webhook_url, parse_recipients
 from core.alerts.models import (
     AlertChannel,
     AlertDelivery,
@@ -188,10 +188,15 @@ def add_webhook_channel(
     _scope(principal, tenant_id)
     now = _now(now)
     url = check_webhook_url(url, allow_private=get_settings().demo)
-    ch = AlertChannel(tenant_id=tenant_id, kind=ChannelKind.webhook.value, name=_name(name), target=url,
-                      rules_json=_rules(rules), created_at=now, created_by=principal.email[:254])
+    ch = AlertChannel(tenant_id=tenant_id, kind=ChannelKind.webhook.value, name=_name(name),
+                      target=masked_webhook_url(url), rules_json=_rules(rules), created_at=now,
+                      created_by=principal.email[:254])
     session.add(ch)
     session.flush()
+    assert ch.id is not None
+    # The URL itself is a secret for many receivers (Slack, Teams, Zapier put a token in it).
+    ch.url_ref = store_secret(session, principal=principal, tenant_id=tenant_id, owner=engine.channel_owner(ch.id),
+                              purpose=engine.webhook_url_purpose(ch.id), secret=url, now=now)
     _new_secret(session, principal, ch, now)
     record_event(session, principal=principal, action="alerts.channel.create", tenant_id=tenant_id,
                  # the host only: some receivers put a token in the URL's path
@@ -272,9 +277,11 @@ def remove_channel(*, session: Session, principal: Principal, channel_id: int, n
     """Remove a channel: its signing secret is destroyed; its log entries stay (marked removed)."""
     now = _now(now)
     ch = _channel(session, principal, channel_id)
-    if ch.secret_ref:
-        forget_secret(session, ch.secret_ref, principal=principal, reason="alert channel removed", now=now)
-        ch.secret_ref = None
+    for field in ("secret_ref", "url_ref"):
+        ref = getattr(ch, field)
+        if ref:
+            forget_secret(session, ref, principal=principal, reason="alert channel removed", now=now)
+            setattr(ch, field, None)
     ch.enabled = False
     ch.name = ch.name[:110] + " (removed)" if not ch.name.endswith("(removed)") else ch.name
     session.add(ch)

@@ -61,3 +61,30 @@ def test_alembic_upgrade_check_and_downgrade_postgres():
     if not PG_URL:
         pytest.skip("postgres: CRMBRIDGE_TEST_DATABASE_URL is not set")
     _round_trip(_fresh_pg_db())
+
+
+def test_upgrade_seals_existing_webhook_urls_and_downgrade_restores_them(tmp_path):
+    """A webhook URL holds the receiver's token (Slack, Teams): the migration that introduced url_ref
+    moves existing URLs out of clear text, and a downgrade brings back the ones it sealed."""
+    from core.accounts.secrets import read_secret
+    from core.alerts.engine import channel_owner, webhook_url_purpose
+    from core.db import make_engine
+
+    url = f"sqlite:///{tmp_path / 'mig.db'}"
+    hook = "https://hooks.slack.example/services/T000/B000/canary-token-31337"
+    migrate.upgrade(url, "1c5417ed20b7")
+    eng = make_engine(url)
+    with eng.begin() as conn:
+        conn.execute(text("INSERT INTO alert_channel (id, kind, name, target, rules_json, enabled, created_at, "
+                          "created_by) VALUES (7, 'webhook', 'Slack', :t, '[]', 1, '2026-12-01 00:00:00', 'x')"),
+                     {"t": hook})
+    migrate.upgrade(url)
+    with eng.connect() as conn:
+        target, ref = conn.execute(text("SELECT target, url_ref FROM alert_channel WHERE id = 7")).one()
+    assert target == "https://hooks.slack.example/…" and "canary-token" not in ref
+    assert read_secret(None, ref, principal="test", owner=channel_owner(7), purpose=webhook_url_purpose(7),  # type: ignore[arg-type]
+                       reason="test") == hook
+    migrate.downgrade(url, "1c5417ed20b7")
+    with eng.connect() as conn:
+        assert conn.execute(text("SELECT target FROM alert_channel WHERE id = 7")).scalar_one() == hook
+    eng.dispose()

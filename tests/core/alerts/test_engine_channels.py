@@ -179,6 +179,31 @@ def test_failing_receiver_is_retried_with_backoff_and_shown_failing(session, ten
     assert service.get_channel(session=session, principal=admin_of(tenant), channel_id=ch.id).status == "ok"
 
 
+def test_webhook_url_is_kept_in_the_vault_and_shown_masked(session, tenant, staff, vault_keys):
+    """Slack-style URLs carry their token in the path: no row holds the URL in clear, pages show the host."""
+    from sqlmodel import SQLModel
+
+    from core.tenants.models import AuditEvent
+
+    hooks = {tenant.id: "https://hooks.slack.example/services/T000/B000/canary-tenant-31337",
+             None: "https://ops.example:8443/hook?token=canary-staff-31337"}
+    rows = {tid: service.add_webhook_channel(session=session, principal=admin_of(tenant) if tid else staff,
+                                             tenant_id=tid, name="Hook", url=url) for tid, url in hooks.items()}
+    session.commit()
+    assert rows[tenant.id].target == "https://hooks.slack.example/…"
+    assert rows[None].target == "https://ops.example:8443/…"
+    everything = " ".join(str(v) for table in SQLModel.metadata.sorted_tables
+                          for row in session.connection().execute(table.select()) for v in row)
+    assert "canary-" not in everything and "hooks.slack.example" in everything
+    assert session.exec(select(AuditEvent).where(AuditEvent.action == "alerts.channel.create")).all()
+
+    service.remove_channel(session=session, principal=admin_of(tenant), channel_id=rows[tenant.id].id)
+    session.commit()
+    from core.alerts.models import AlertChannel
+
+    assert session.get(AlertChannel, rows[tenant.id].id).url_ref is None  # its vault entry is destroyed
+
+
 def test_webhook_urls_must_be_public_https_outside_demo(session, tenant):
     for url in ("http://example.com/hook", "https://127.0.0.1/hook", "https://10.1.2.3/x", "ftp://x/y",
                 "https://user:pw@example.com/"):
