@@ -170,6 +170,9 @@ def render_connection_test(account_id: int) -> None:
         else:
             st.caption("Credentials: none stored (optional for this sign-in method).")
         _credentials_button(creds, key=f"crm_creds_{account_id}", replace=creds.stored)
+    if creds.installs_app:
+        st.caption(f"{creds.label} signs in by an app install: after the app's secret, an admin of the "
+                   f"{creds.provider_name} account installs the app from the same secure page.")
     try:
         with session_scope() as s:
             last = service.last_connection_test(session=s, principal=p, account_id=account_id)

@@ -127,7 +127,7 @@ class HubSpotConfig:
         if mode == "oauth" and not (cfg.client_id and cfg.client_secret and cfg.refresh_token):
             raise ConfigurationError(
                 "The HubSpot OAuth account needs the app's client ID and secret and an install's refresh "
-                "token: install the app in the portal through the account's connect link."
+                "token: press \"Install the app in HubSpot\" on the account's credentials page (Enter credentials)."
             )
         if mode != "oauth" and not cfg.token:
             raise ConfigurationError(

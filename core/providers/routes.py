@@ -26,6 +26,11 @@ the console session and the account. The POST puts the fields in the vault throu
 ``service.store_account_credentials`` (replacing any held; audited) and, unless unticked, runs the
 connection test at once and shows each step with its fix. Secrets are never echoed back, logged
 or audited; a bad field re-renders the empty form with the message and stores nothing.
+
+The app install, ``GET /crm-accounts/{account_id}/install?csrf=…``: for an account that signs in by
+an app install (HubSpot's OAuth), once the app's secret is stored the form page links here; it sends
+the admin to the CRM's install page with a state bound to ``install:<account>:<console email>``, and
+the ``install`` completion handler adds the install's refresh token to the account's app secret.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from core.providers.config import AccountConfig
 from core.providers.models import OAuthStateUse
 from core.settings import get_settings
 from core.tenants.access import Principal
+from core.tenants.audit import record_event
 from core.tenants.models import AppUser, CrmAccount
 from core.tenants.routes import principal_from_request
 from core.web import SESSION_COOKIE, csrf_ok, csrf_token_for, esc, html_page
@@ -258,6 +264,30 @@ def _store_for_app_user(done: OAuthCompletion) -> str:
 register_completion_handler("app_user", _store_for_app_user)
 
 
+def _store_install(done: OAuthCompletion) -> Response:
+    """Built-in handler for ``install:<account id>:<console email>``: an app install (HubSpot) started
+    from the account's credentials page; the refresh token joins the account's app secret."""
+    try:
+        _, account_id, who = done.binding.split(":", 2)
+        same = int(account_id) == done.account.id
+    except ValueError:
+        same, who = False, ""
+    if not same:
+        raise LinkInvalid("This install link belongs to another CRM account: start again from the console.")
+    if not done.grant.refresh_token:
+        raise InvalidInput("The CRM gave no refresh token", fix="Check the app's scopes, then install it again.")
+    service.store_install_grant(session=done.session, account=done.account, refresh_token=done.grant.refresh_token,
+                                installed_by=who, identity=done.identity, now=done.now)
+    as_who = f" as <b>{esc(done.identity)}</b>" if done.identity else ""
+    body = (f"<h1>App installed</h1><p>The CRM Bridge app is installed for <b>{esc(done.account.label)}</b>{as_who}, "
+            "and a first API call with it passed. CRM Bridge keeps the install's refresh token in the vault; "
+            "uninstalling the app in the CRM revokes it.</p>" + _console_link())
+    return html_page("App installed", body)
+
+
+register_completion_handler("install", _store_install)
+
+
 async def oauth_callback(request: Request) -> Response:
     provider = request.path_params["provider"]
     q = request.query_params
@@ -282,6 +312,7 @@ async def oauth_callback(request: Request) -> Response:
 
 # -- the secure credentials form ----------------------------------------------------------------------
 CREDENTIALS_ROUTE = "/crm-accounts/{account_id:int}/credentials"
+INSTALL_ROUTE = "/crm-accounts/{account_id:int}/install"
 MAX_CREDENTIALS_BODY = 72 * 1024  # a PEM private key fits; the vault caps a secret at 64 KiB
 CSRF_FAILED = ("This form expired or was not sent from the CRM Bridge console: nothing was stored. "
                "Enter the credentials again below.")
@@ -290,6 +321,26 @@ CSRF_FAILED = ("This form expired or was not sent from the CRM Bridge console: n
 def _csrf_binding(session_token: str, account_id: int) -> str:
     """Bound to this console session (its hash: the token itself goes nowhere) and this account."""
     return f"crm-credentials|{account_id}|" + hashlib.sha256(session_token.encode()).hexdigest()
+
+
+def _install_binding(session_token: str, account_id: int) -> str:
+    return f"crm-install|{account_id}|" + hashlib.sha256(session_token.encode()).hexdigest()
+
+
+def _install_html(view: service.AccountCredentials, session_token: str) -> str:
+    """The install step of an app-install account: a link (not a form: the CSP's form-action would stop
+    the redirect to the CRM) carrying a CSRF token bound to this session and account."""
+    if not view.installs_app:
+        return ""
+    if not view.stored:
+        return ("<h2>Then install the app</h2><p class=note>Once the app's secret is saved, an admin of the "
+                f"{esc(view.provider_name)} account installs the app from here.</p>")
+    token = csrf_token_for(_install_binding(session_token, view.account_id))
+    href = get_settings().public(f"/crm-accounts/{view.account_id}/install") + "?csrf=" + token
+    return (f"<h2>Install the app</h2><p>An admin of the {esc(view.provider_name)} account approves the install on "
+            f"{esc(view.provider_name)}'s own page; CRM Bridge then keeps the install's refresh token in the vault "
+            "with the app's secret. Install again after replacing the secret.</p>"
+            f"<p><a href='{esc(href)}'>Install the app in {esc(view.provider_name)}</a></p>")
 
 
 def _origin() -> str:
@@ -356,7 +407,7 @@ def _state_html(view: service.AccountCredentials) -> str:
 
 
 def _form_page(view: service.AccountCredentials, csrf: str, *, error: str = "", run_test: bool = True,
-               status: int = 200) -> Response:
+               status: int = 200, session_token: str = "") -> Response:
     title = f"Credentials for {view.label}"
     head = (f"<h1>{esc(title)}</h1><p>{esc(view.provider_name)} · {esc(view.auth_mode_title)}</p>"
             + (f"<p class=error role=alert>{esc(error)}</p>" if error else ""))
@@ -376,8 +427,10 @@ def _form_page(view: service.AccountCredentials, csrf: str, *, error: str = "", 
         + f"<form method=post action='{esc(action)}' autocomplete=off>"
         f"<input type=hidden name=csrf value='{esc(csrf)}'>"
         + "".join(_field_html(f) for f in view.fields)
-        + f"<label><input type=checkbox name=test value=1{checked}> Test the connection right away</label>"
-        f"<button type=submit>{esc(button)}</button></form>" + per_user + _console_link()
+        + ("" if view.installs_app else
+           f"<label><input type=checkbox name=test value=1{checked}> Test the connection right away</label>")
+        + f"<button type=submit>{esc(button)}</button></form>" + _install_html(view, session_token) + per_user
+        + _console_link()
     )
     return _credentials_page(title, body, status)
 
@@ -399,7 +452,7 @@ def _report_html(report: ConnectionReport) -> str:
 
 
 def _result_page(view: service.AccountCredentials, *, replaced: bool, report: ConnectionReport | None,
-                 test_error: str | None) -> Response:
+                 test_error: str | None, session_token: str = "") -> Response:
     title = f"Credentials {'replaced' if replaced else 'saved'}"
     body = (f"<h1>{esc(title)}</h1><p>The credentials for <b>{esc(view.label)}</b> ({esc(view.provider_name)}) "
             f"are {'replaced' if replaced else 'stored'} in the vault.</p>")
@@ -409,7 +462,7 @@ def _result_page(view: service.AccountCredentials, *, replaced: bool, report: Co
         body += _report_html(report)
     else:
         body += "<p class=note>Run the connection test from the console when you are ready.</p>"
-    return _credentials_page(title, body + _console_link())
+    return _credentials_page(title, body + _install_html(view, session_token) + _console_link())
 
 
 def _credentials(request: Request, account_id: int, form: dict[str, str] | None) -> Response:
@@ -431,8 +484,8 @@ def _credentials(request: Request, account_id: int, form: dict[str, str] | None)
     binding = _csrf_binding(session_token, account_id)
     csrf = csrf_token_for(binding)
     if form is None:
-        return _form_page(view, csrf)
-    run_test = form.get("test") == "1"
+        return _form_page(view, csrf, session_token=session_token)
+    run_test = form.get("test") == "1" and not view.installs_app  # nothing to test before the install
     if not csrf_ok(binding, form.get("csrf")):
         log.warning("crm account %s credentials: refused a POST without a valid CSRF token", account_id)
         return _form_page(view, csrf, error=CSRF_FAILED, run_test=run_test, status=403)
@@ -464,12 +517,51 @@ def _credentials(request: Request, account_id: int, form: dict[str, str] | None)
         except CrmBridgeError as exc:
             log.info("crm account %s: connection test did not run (%s)", account_id, type(exc).__name__)
             test_error = str(exc)
-    return _result_page(stored, replaced=view.stored, report=report, test_error=test_error)
+    return _result_page(stored, replaced=view.stored, report=report, test_error=test_error,
+                        session_token=session_token)
 
 
 def _principal(request: Request) -> Principal | None:
     found = principal_from_request(request)
     return found if isinstance(found, Principal) else None
+
+
+def _install(request: Request, account_id: int) -> Response:
+    """GET /crm-accounts/{id}/install?csrf=…: start the app install (the CRM's consent page)."""
+    principal = _principal(request)
+    path = service.CREDENTIALS_PATH.format(account_id=account_id)
+    if principal is None:
+        return RedirectResponse(get_settings().public("/auth/login") + "?next=" + quote(path, safe="/"),
+                                status_code=303)
+    session_token = request.cookies.get(SESSION_COOKIE) or ""
+    try:
+        with session_scope() as s:
+            view = service.account_credentials(session=s, principal=principal, account_id=account_id)
+            if not view.installs_app:
+                return _refusal("Install", f"{view.label} does not sign in by an app install.", 400)
+            if not csrf_ok(_install_binding(session_token, account_id), request.query_params.get("csrf")):
+                return _refusal("Install", "This install link was not opened from your console session: open the "
+                                "credentials page and press Install again.", 403)
+            if not view.stored:
+                return _refusal("Install", "Enter the app's client secret first, then install the app.", 400)
+            account = s.get(CrmAccount, account_id)
+            assert account is not None
+            url = begin_authorization(account=account, binding=f"install:{account_id}:{principal.email}")
+            record_event(s, principal=principal, action="crm_account.app_install.start",
+                         tenant_id=account.tenant_id, target=f"crm_account:{account_id}")
+    except AccessDenied as exc:
+        return _refusal("Not allowed", str(exc), 403)
+    except NotFound as exc:
+        return _refusal("Not found", str(exc), 404)
+    except CrmBridgeError as exc:
+        return _refusal("Install", str(exc), 400)
+    resp = RedirectResponse(url, status_code=303)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+async def install_page(request: Request) -> Response:
+    return await run_in_threadpool(_install, request, int(request.path_params["account_id"]))
 
 
 async def credentials_page(request: Request) -> Response:
@@ -486,4 +578,5 @@ async def credentials_page(request: Request) -> Response:
 routes: list[BaseRoute] = [
     Route(CALLBACK_PATH, oauth_callback, methods=["GET"]),
     Route(CREDENTIALS_ROUTE, credentials_page, methods=["GET", "POST"]),
+    Route(INSTALL_ROUTE, install_page, methods=["GET"]),
 ]

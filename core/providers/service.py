@@ -33,6 +33,8 @@ from core.tenants.models import CrmAccount
 log = logging.getLogger(__name__)
 
 CREDENTIAL_PURPOSE = "crm-login"
+INSTALL_MODES = frozenset({"oauth_authorization_code"})  # account-level OAuth: the app install
+INSTALL_PRINCIPAL = Principal.system("oauth-install")
 KIND_BY_MODE = {
     "oauth_client_credentials": "client_secret",
     "jwt_bearer": "private_key",
@@ -278,6 +280,12 @@ class AccountCredentials:
         return bool(self.fields)
 
     @property
+    def installs_app(self) -> bool:
+        """The account signs in by an app install (HubSpot): after the app's secret is stored, an admin
+        of the CRM account approves the install and its refresh token joins that secret."""
+        return self.auth_mode in INSTALL_MODES and self.credential_mode == "api_user"
+
+    @property
     def stored(self) -> bool:
         """The vault holds a credential for the account (saving the form replaces it)."""
         return self.state not in NO_CREDENTIAL_STATES
@@ -379,6 +387,41 @@ def store_account_credentials(
     log.info("crm account %s: credentials %s by %s", account.id, "replaced" if replaced else "stored",
              principal.email)
     return _credentials_of(session, account)
+
+
+def store_install_grant(
+    *, session: Session, account: CrmAccount, refresh_token: str, installed_by: str, identity: str | None,
+    now: datetime | None = None,
+) -> None:
+    """An app install's refresh token joins the account's stored app secret (one vault entry, replaced;
+    the install is audited under the console user who started it). Called by the OAuth callback after
+    the token passed a real API call.
+
+    Raises:
+        InvalidInput: no app secret is stored yet, or the account does not sign in by app install.
+    """
+    now = now or utcnow()
+    mode = _auth_mode_of(account)
+    if mode.mode not in INSTALL_MODES or account.credential_mode != "api_user":
+        raise InvalidInput(f"{account.label} does not sign in by an app install: nothing was stored.")
+    vault = _vault()
+    ref = vault.find_credential(session, tenant_id=account.tenant_id, crm_account_id=account.id,
+                                app_user_id=None, purpose=CREDENTIAL_PURPOSE)
+    if ref is None:
+        raise InvalidInput("The app's client secret is not stored: enter it on the credentials page, then install "
+                           "the app again.")
+    with vault.use(session, ref, principal=INSTALL_PRINCIPAL, reason="add an app install's refresh token",
+                   now=now) as secret:
+        fields = json.loads(secret.get_secret_value())
+    try:
+        fields["refresh_token"] = refresh_token
+        _put_account_secret(session, principal=INSTALL_PRINCIPAL, account=account, auth_mode=mode.mode,
+                            secrets=fields, now=now)
+    finally:
+        fields.clear()
+    record_event(session, principal=installed_by, action="crm_account.app_installed", tenant_id=account.tenant_id,
+                 target=f"crm_account:{account.id}", details={"installed_as": identity}, at=now)
+    session.flush()
 
 
 # -- connection test -------------------------------------------------------------------------------

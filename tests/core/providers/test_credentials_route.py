@@ -33,15 +33,6 @@ CSRF_RE = re.compile(r"name=csrf value='([0-9a-f]{64})'")
 
 
 @pytest.fixture
-def sandbox_app(app_db: Engine, sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    """The console's database plus the sandbox CA, so the route's connection test reaches the sandbox."""
-    monkeypatch.setenv("CRMBRIDGE_SANDBOX_CA_FILE", str(sandbox.ca_file))
-    get_settings.cache_clear()
-    yield sandbox
-    get_settings.cache_clear()
-
-
-@pytest.fixture
 def client(app_db: Engine) -> Iterator[TestClient]:
     app = Starlette(routes=provider_routes.routes)
     with TestClient(app, base_url="http://127.0.0.1:8501", follow_redirects=False) as c:
