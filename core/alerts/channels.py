@@ -35,6 +35,7 @@ import httpx
 
 from core.clock import utcnow
 from core.errors import DeliveryFailed, InvalidInput
+from core.netguard import address_problem, pinned
 from core.settings import Settings, get_settings
 
 log = logging.getLogger("crmbridge.alerts.channels")
@@ -160,19 +161,6 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(i[4][0]).split("%", 1)[0] for i in infos))
 
 
-def _address_problem(ip: str) -> str | None:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return "not an IP address"
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast or addr.is_reserved \
-            or addr.is_unspecified or not addr.is_global:
-        return "a private, loopback or reserved address"
-    return None
-
-
 def masked_webhook_url(url: str) -> str:
     """What the console shows of a webhook URL: scheme, host and port; the path (which may hold the
     receiver's token) becomes "…"."""
@@ -199,7 +187,7 @@ def check_webhook_url(url: str, *, allow_private: bool) -> str:
         literal = ipaddress.ip_address(parts.hostname)
     except ValueError:
         literal = None
-    if literal is not None and not allow_private and _address_problem(str(literal)):
+    if literal is not None and not allow_private and address_problem(str(literal)):
         raise InvalidInput(f"{parts.hostname} is not a public address: use the receiver's public https URL.")
     return url
 
@@ -223,15 +211,28 @@ def post_webhook(
     """
     check_webhook_url(url, allow_private=allow_private)
     parts = urlsplit(url)
+    target, extensions = url, {}
+    headers: dict[str, str] = {}
     if not allow_private:
+        # Resolve once, check every address, and connect to the checked one (Host and SNI keep the
+        # name), so a DNS answer that changes between check and connect cannot point us inward.
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        for ip in (resolver or system_resolver)(parts.hostname or "", port):
-            problem = _address_problem(ip)
+        try:
+            addresses = [str(ipaddress.ip_address(parts.hostname or ""))]
+        except ValueError:
+            addresses = (resolver or system_resolver)(parts.hostname or "", port)
+        if not addresses:
+            raise DeliveryFailed(f"The webhook host {parts.hostname} does not resolve.",
+                                 fix="check the webhook URL on the Alerts page")
+        for ip in addresses:
+            problem = address_problem(ip)
             if problem:
                 raise DeliveryFailed(f"The webhook host {parts.hostname} resolves to {problem} ({ip}).",
                                      fix="use a receiver reachable on a public address")
+        pin = pinned(url, addresses[0])
+        target, extensions, headers = pin.url, pin.extensions, {"Host": pin.host_header}
     ts = int((now or utcnow()).timestamp())
-    headers = {
+    headers |= {
         "Content-Type": "application/json",
         "User-Agent": "CRM-Bridge-Webhooks/1",
         SIGNATURE_HEADER: sign(secret, body, ts),
@@ -241,7 +242,7 @@ def post_webhook(
     own = client is None
     http = client or httpx.Client(timeout=WEBHOOK_TIMEOUT_S, follow_redirects=False, trust_env=False)
     try:
-        resp = http.post(url, content=body, headers=headers)
+        resp = http.post(target, content=body, headers=headers, extensions=extensions)
     except httpx.TimeoutException:
         raise DeliveryFailed(f"The webhook receiver at {parts.hostname} did not answer within "
                              f"{WEBHOOK_TIMEOUT_S:.0f} s.", fix="check the receiver; it is retried") from None

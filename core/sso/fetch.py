@@ -25,6 +25,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from core.errors import MetadataInvalid
+from core.netguard import address_problem, pinned
 
 Resolver = Callable[[str, int], list[str]]
 
@@ -32,7 +33,6 @@ TIMEOUT_S = 5.0
 MAX_BYTES = 5 * 1024 * 1024
 MAX_REDIRECTS = 3
 _REDIRECTS = {301, 302, 303, 307, 308}
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -51,49 +51,6 @@ def system_resolver(host: str, port: int) -> list[str]:
         if ip not in out:
             out.append(ip)
     return out
-
-
-def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    if addr.sixtofour is not None:
-        return addr.sixtofour
-    if addr.teredo is not None:
-        return addr.teredo[1]
-    if addr in _NAT64:
-        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
-    if int(addr) >> 32 == 0 and int(addr) > 1:  # IPv4-compatible ::a.b.c.d (deprecated)
-        return ipaddress.IPv4Address(int(addr))
-    return None
-
-
-def address_problem(ip: str, *, allow_loopback: bool = False) -> str | None:
-    """Why ``ip`` may not be fetched from, or None when it is a public address."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return "not an IP address"
-    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [addr]
-    if isinstance(addr, ipaddress.IPv6Address):
-        inner = _embedded_ipv4(addr)
-        if inner is not None:
-            candidates = [inner]  # judge the IPv4 address the IPv6 form carries
-    for a in candidates:
-        if a.is_loopback:
-            if allow_loopback:
-                continue
-            return "a loopback address"
-        if a.is_link_local:
-            return "a link-local address"
-        if a.is_multicast:
-            return "a multicast address"
-        if a.is_unspecified:
-            return "an unspecified address"
-        if a.is_private:
-            return "a private address"
-        if a.is_reserved or not a.is_global:
-            return "a reserved or non-public address"
-    return None
 
 
 @dataclass
@@ -267,12 +224,6 @@ def _checked_target(
                 "Use the https:// metadata URL.",
                 "url_scheme",
             )
-    ip = addresses[0]
-    ip_host = f"[{ip}]" if ":" in ip else ip
-    default_port = 443 if scheme == "https" else 80
-    netloc = ip_host if port == default_port else f"{ip_host}:{port}"
-    target = parts._replace(scheme=scheme, netloc=netloc).geturl()
-    host_header = host if port == default_port else f"{host}:{port}"
-    headers = {"Host": host_header, "Accept": "application/samlmetadata+xml, application/xml, text/xml, */*"}
-    ext = {"sni_hostname": host} if scheme == "https" else {}
-    return target, headers, ext, ip
+    pin = pinned(url, addresses[0])
+    headers = {"Host": pin.host_header, "Accept": "application/samlmetadata+xml, application/xml, text/xml, */*"}
+    return pin.url, headers, pin.extensions, pin.ip

@@ -255,3 +255,32 @@ def test_staff_get_a_cross_tenant_digest(session, tenant, other_tenant, staff, c
     assert kinds.count("digest") == 1
     with pytest.raises(AccessDenied):
         service.send_staff_digest(session=session, principal=admin_of(tenant), now=clock())
+
+
+def test_webhook_connects_to_the_address_it_checked_not_a_second_dns_answer():
+    """DNS rebinding: the host is resolved once, checked, and the connection goes to that address with
+    the host's name kept for Host and TLS (SNI); a host with any private address is refused."""
+    import httpx
+
+    from core.alerts.channels import post_webhook
+    from core.errors import DeliveryFailed
+
+    seen: list[httpx.Request] = []
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])  # a rebinding resolver: public first, then inward
+
+    def transport(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    with httpx.Client(transport=httpx.MockTransport(transport)) as http:
+        status = post_webhook("https://hooks.example.com/services/T0/x", body=b"{}", secret="whsec_x", event="test",
+                              delivery_id="d-1", client=http, resolver=lambda host, port: next(answers))
+        assert status == 204 and len(seen) == 1
+        sent = seen[0]
+        assert sent.url.host == "93.184.216.34" and sent.url.path == "/services/T0/x"
+        assert sent.headers["Host"] == "hooks.example.com"
+        assert sent.extensions["sni_hostname"] == "hooks.example.com"
+        with pytest.raises(DeliveryFailed, match="private address|loopback"):
+            post_webhook("https://hooks.example.com/x", body=b"{}", secret="whsec_x", event="test", delivery_id="d-2",
+                         client=http, resolver=lambda host, port: ["93.184.216.34", "::ffff:10.0.0.1"])
+    assert len(seen) == 1
