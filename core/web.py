@@ -57,6 +57,14 @@ def set_csrf_cookie(response: Response, nonce: str) -> None:
                         secure=_secure(), path="/")
 
 
+def cross_site(request: Request) -> bool:
+    """True when the browser says another site started this request (``Sec-Fetch-Site: cross-site``).
+
+    For GET routes that act for a signed-in user (the session cookie is SameSite=Lax, so a link on
+    another site carries it): such a request is refused and the user starts again from the console."""
+    return request.headers.get("sec-fetch-site", "").lower() == "cross-site"
+
+
 def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 

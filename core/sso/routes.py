@@ -24,7 +24,7 @@ from core.errors import CrmBridgeError, NotFound, SessionInvalid
 from core.settings import get_settings
 from core.sso import service
 from core.sso.sp import MAX_RESPONSE_B64, AuthnStart
-from core.web import SESSION_COOKIE, esc, html_page, set_session_cookie
+from core.web import SESSION_COOKIE, cross_site, esc, html_page, set_session_cookie
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ async def login(request: Request) -> Response:
 async def test(request: Request) -> Response:
     slug = request.path_params["tenant"]
     token = request.cookies.get(SESSION_COOKIE)
+    if cross_site(request):  # a link on another site must not start a test login in an admin's name
+        return _error_page("Test login", "This test login was started from another website.",
+                           "Start it from the Single sign-on page of the console.", 403)
 
     def work() -> AuthnStart:
         from core.tenants.auth import principal_from_token

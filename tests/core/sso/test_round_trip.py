@@ -250,3 +250,7 @@ def test_test_start_requires_a_console_session_of_that_tenant(sso_world: SsoWorl
     staff = w.console.get("/sso/bigcorp/test", cookies={SESSION_COOKIE: w.token_for("cs@crmbridge.example")},
                           follow_redirects=False)
     assert staff.status_code == 302
+    from_elsewhere = w.console.get("/sso/bigcorp/test", headers={"Sec-Fetch-Site": "cross-site"},
+                                   cookies={SESSION_COOKIE: w.token_for("cs@crmbridge.example")},
+                                   follow_redirects=False)
+    assert from_elsewhere.status_code == 403 and "Single sign-on page" in from_elsewhere.text
