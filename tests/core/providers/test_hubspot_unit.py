@@ -60,7 +60,7 @@ def test_error_mapping_by_status_category_and_policy() -> None:
 
 
 def test_configuration_errors_name_what_is_missing() -> None:
-    with pytest.raises(ConfigurationError, match="connect link"):
+    with pytest.raises(ConfigurationError, match="Install the app in HubSpot"):
         provider(lambda r: httpx.Response(200), mode="oauth_authorization_code", credential={"client_secret": "s"})
     with pytest.raises(ConfigurationError, match="service key"):
         provider(lambda r: httpx.Response(200), credential={})
