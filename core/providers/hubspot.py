@@ -125,9 +125,12 @@ class HubSpotConfig:
             portal_id=str(account.setting("portal_id")) if account.setting("portal_id") else None,
         )
         if mode == "oauth" and not (cfg.client_id and cfg.client_secret and cfg.refresh_token):
+            missing = "the app's client ID" if not cfg.client_id else (
+                "the app's client secret" if not cfg.client_secret else "an install of the app (its refresh token)")
             raise ConfigurationError(
-                "The HubSpot OAuth account needs the app's client ID and secret and an install's refresh "
-                "token: press \"Install the app in HubSpot\" on the account's credentials page (Enter credentials)."
+                f"The HubSpot OAuth account has no {missing} yet.",
+                fix="Enter the app's client secret on the account's credentials page (Enter credentials), then "
+                    "press \"Install the app in HubSpot\" there.",
             )
         if mode != "oauth" and not cfg.token:
             raise ConfigurationError(

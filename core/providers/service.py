@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from sqlmodel import Session, col, select
 
 from core.clock import aware, utcnow
-from core.errors import Conflict, CrmBridgeError, InvalidInput, NotFound
+from core.errors import ConfigurationError, Conflict, CrmBridgeError, InvalidInput, NotFound
 from core.providers.base import ApiUsage, ConnectionReport, LicenseSnapshot, Provider, StepResult
 from core.providers.catalog import FieldSpec, get_catalog
 from core.providers.config import AccountConfig, Credential, HttpTransport
@@ -496,14 +496,20 @@ def test_crm_account(
         with vault.use(session, ref, principal=principal, reason=f"connection test of {account.label}",
                        now=now) as secret:
             credential: Credential = credential_fields(secret)
-            provider = factory(account=config, credential=credential, transport=transport or default_transport(),
-                               on_auth_failure=failures.append)
             try:
-                report = provider.test_connection()
-                usage = getattr(provider, "last_api_usage", None)
-                licenses = getattr(provider, "last_license_snapshot", None)
-            finally:
-                provider.close()
+                provider = factory(account=config, credential=credential,
+                                   transport=transport or default_transport(), on_auth_failure=failures.append)
+            except ConfigurationError as exc:  # the account is not set up far enough to try: say what is missing
+                provider = None
+                report = ConnectionReport(ok=False, steps=[StepResult("configuration", False, exc.message,
+                                                                      exc.fix or "")])
+            if provider is not None:
+                try:
+                    report = provider.test_connection()
+                    usage = getattr(provider, "last_api_usage", None)
+                    licenses = getattr(provider, "last_license_snapshot", None)
+                finally:
+                    provider.close()
         if failures and user_id is not None:
             vault.report_auth_failure(session, ref, principal=principal, now=now)
     failed = report.failed_step

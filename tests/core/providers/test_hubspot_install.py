@@ -16,7 +16,6 @@ from sqlmodel import Session
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from core.errors import ConfigurationError
 from core.providers import routes as provider_routes
 from core.providers import service
 from core.tenants.access import Principal
@@ -79,8 +78,12 @@ def test_admin_installs_the_app_and_the_account_connects_as_the_installer(  # ty
     client.cookies.set(SESSION_COOKIE, _signed_in(app_db, email="admin@hubco.example", role="tenant_admin",
                                                   tenant_id=tenant_id))
     result = _save_secret(client, account_id)
-    with Session(app_db) as s, pytest.raises(ConfigurationError, match="Install the app in HubSpot"):
-        service.test_crm_account(session=s, principal=STAFF, account_id=account_id)  # the secret alone is not enough
+    with Session(app_db) as s:  # the secret alone is not enough: the test says the install is missing
+        before = service.test_crm_account(session=s, principal=STAFF, account_id=account_id)
+        s.commit()
+    step = before.failed_step
+    assert not before.ok and step is not None and step.name == "configuration"
+    assert "install of the app" in step.detail and "Install the app in HubSpot" in step.fix
 
     install = html.unescape(INSTALL_RE.search(result).group(1))  # type: ignore[union-attr]
     started = client.get(urlsplit(install).path + "?" + urlsplit(install).query)
