@@ -77,10 +77,6 @@ class CrmAccountBase(SQLModel):
     credential_mode: str = Field(default=CredentialMode.api_user.value, max_length=30)
 
 
-class CrmAccountCreate(CrmAccountBase):
-    settings_json: str = Field(default="{}", max_length=20_000)
-
-
 class CrmAccount(CrmAccountBase, table=True):
     __tablename__ = "crm_account"
     __table_args__ = (UniqueConstraint("tenant_id", "label", name="uq_crm_account_tenant_label"),)

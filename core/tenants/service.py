@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +29,6 @@ from core.tenants.models import (
     AuditEvent,
     CredentialMode,
     CrmAccount,
-    CrmAccountCreate,
     Tenant,
     TenantCreate,
     TenantStatus,
@@ -158,37 +156,6 @@ def set_tenant_status(*, session: Session, principal: Principal, tenant_id: int,
 
 
 # --- CRM accounts --------------------------------------------------------------------------------
-
-
-def create_crm_account(
-    *, session: Session, principal: Principal, tenant_id: int, data: CrmAccountCreate | dict
-) -> CrmAccount:
-    require_tenant(principal, tenant_id)
-    get_tenant(session=session, principal=principal, tenant_id=tenant_id)
-    d = _validated(CrmAccountCreate, data if isinstance(data, dict) else data.model_dump())
-    try:
-        CredentialMode(d.credential_mode)
-    except ValueError:
-        raise InvalidInput(
-            f"Unknown credential mode {d.credential_mode!r}: use api_user, per_user_oauth or per_user_password."
-        ) from None
-    try:
-        json.loads(d.settings_json)
-    except ValueError:
-        raise InvalidInput("The account settings are not valid JSON: re-enter the form.") from None
-    dup = session.exec(
-        select(CrmAccount).where(CrmAccount.tenant_id == tenant_id, CrmAccount.label == d.label)
-    ).first()
-    if dup:
-        raise Conflict(f"This tenant already has a CRM account labelled {d.label!r}: use another label.")
-    account = CrmAccount(tenant_id=tenant_id, **d.model_dump())
-    session.add(account)
-    session.flush()
-    record_event(session, principal=principal, action="crm_account.create", tenant_id=tenant_id,
-                 target=f"crm_account:{account.id}",
-                 details={"provider": account.provider, "edition": account.edition, "label": account.label,
-                          "credential_mode": account.credential_mode})
-    return account
 
 
 def get_crm_account(*, session: Session, principal: Principal, account_id: int) -> CrmAccount:

@@ -85,17 +85,24 @@ def test_set_tenant_status_staff_only(session, staff, tenant):
 def test_crm_account_services_per_role(session, staff, leadership, tenant, other_tenant, role):
     p: Principal = {"staff": staff, "own_admin": admin_of(tenant), "other_admin": admin_of(other_tenant),
                     "leadership": leadership}[role]
-    data = {"provider": "salesforce", "edition": "enterprise", "label": "EMEA", "credential_mode": "api_user"}
+    # CRM accounts are created from the catalog (core.providers); the tenants domain lists and re-modes them
+    from core.providers.service import add_crm_account_settings
+
+    def add() -> object:
+        return add_crm_account_settings(session=session, principal=p, tenant_id=tenant.id, provider="salesforce",
+                                        edition="enterprise", label="EMEA", auth_mode="oauth_client_credentials",
+                                        values={"instance_url": "https://acme.my.salesforce.com",
+                                                "client_id": "acme-integration"})
     if role in ("staff", "own_admin"):
-        acc = svc.create_crm_account(session=session, principal=p, tenant_id=tenant.id, data=data)
+        acc = add()
         assert [a.label for a in svc.list_crm_accounts(session=session, principal=p, tenant_id=tenant.id)] == ["EMEA"]
         svc.set_credential_mode(session=session, principal=p, account_id=acc.id, mode="per_user_oauth")
         assert acc.credential_mode == "per_user_oauth"
         with pytest.raises(Conflict):
-            svc.create_crm_account(session=session, principal=p, tenant_id=tenant.id, data=data)
+            add()
     else:
         with pytest.raises(AccessDenied):
-            svc.create_crm_account(session=session, principal=p, tenant_id=tenant.id, data=data)
+            add()
         acc = make_crm_account(session, tenant)
         with pytest.raises(AccessDenied):
             svc.list_crm_accounts(session=session, principal=p, tenant_id=tenant.id)
@@ -106,10 +113,10 @@ def test_crm_account_services_per_role(session, staff, leadership, tenant, other
 
 
 def test_unknown_credential_mode_is_refused(session, staff, tenant):
+    acc = make_crm_account(session, tenant)
     with pytest.raises(InvalidInput, match="credential mode"):
-        svc.create_crm_account(session=session, principal=staff, tenant_id=tenant.id,
-                               data={"provider": "salesforce", "edition": "enterprise", "label": "A",
-                                     "credential_mode": "shared-password"})
+        svc.set_credential_mode(session=session, principal=staff, account_id=acc.id, mode="shared-password")
+    assert acc.credential_mode == "api_user"
 
 
 @pytest.mark.parametrize("role", ["staff", "own_admin", "other_admin", "leadership"])
