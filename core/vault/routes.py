@@ -177,10 +177,10 @@ def _get(request: Request, token: str, now: datetime) -> Response:
             view = connect.open_link(s, token, now=now)
     except LinkInvalid as exc:
         return _invalid(str(exc))
-    if view.is_open:
-        redirect = _gate(view, token, request)
-        if redirect:
-            return RedirectResponse(redirect, status_code=303)
+    # SSO first, for a used or expired link too: its page shows what we hold and offers to revoke it
+    redirect = _gate(view, token, request)
+    if redirect:
+        return RedirectResponse(redirect, status_code=303)
     return _link_page(view, token)
 
 
@@ -202,6 +202,14 @@ def _post(request: Request, token: str, form: dict[str, str], now: datetime) -> 
                      "another site. Open your connect link again and resubmit.</p>", status=403)
     action = form.get("action")
     if action == "revoke":
+        try:
+            with session_scope() as s:
+                seen = connect.open_link(s, token, now=now, audit=False)
+        except LinkInvalid as exc:
+            return _invalid(str(exc))
+        if _gate(seen, token, request):
+            _refused(token, "sso", now)
+            return _invalid("Sign in with your company's single sign-on first: open your connect link again.", 403)
         try:
             with session_scope() as s:
                 held = connect.revoke_via_link(s, token, now=now)

@@ -168,3 +168,32 @@ def test_a_damaged_or_foreign_sso_step_is_refused_with_the_fix(sso_world, people
     assert tampered.status_code == 400 and "Open your connect link again" in tampered.text
     other_tenant = browser.get(f"/sso/acme/connect?{query}", follow_redirects=False)  # sealed for BigCorp only
     assert other_tenant.status_code == 400 and "another company" in other_tenant.text
+
+
+def test_a_used_link_shows_what_we_hold_and_revokes_only_after_sso(sso_world, people, browser, crm) -> None:  # type: ignore[no-untyped-def]
+    """A leaked used link must not let someone else read what we hold or revoke the user's login."""
+    w = sso_world
+    _tested_sso(w)
+    crm.logins["user1"] = (GOOD_PASSWORD, "005BIGC00000001")
+    token = _link(w, people)
+    assert _sso_round(w, browser, token, "user1@bigcorp.example").status_code == 303
+    page = browser.get(f"/connect/{token}")
+    csrf = _csrf(page.text)
+    assert browser.post(f"/connect/{token}", data={"csrf": csrf, "action": "store", "username": "user1",
+                                                   "password": GOOD_PASSWORD}).status_code == 200
+
+    def held() -> int:
+        with w.session() as s:
+            return len(s.exec(select(VaultCredential).where(
+                VaultCredential.crm_account_id == people.account.id, VaultCredential.state == "active")).all())
+
+    browser.cookies.delete(CONNECT_PASS_COOKIE, path="/connect/")  # the pass lapses (or another browser)
+    assert browser.get(f"/connect/{token}", follow_redirects=False).status_code == 303  # used link: SSO first
+    refused = browser.post(f"/connect/{token}", data={"csrf": csrf, "action": "revoke"})
+    assert refused.status_code == 403 and "single sign-on first" in refused.text and held() == 1
+
+    assert _sso_round(w, browser, token, "user1@bigcorp.example").status_code == 303
+    page = browser.get(f"/connect/{token}")
+    assert page.status_code == 410 and "Revoke it now" in page.text
+    revoked = browser.post(f"/connect/{token}", data={"csrf": _csrf(page.text), "action": "revoke"})
+    assert revoked.status_code == 200 and "Revoked" in revoked.text and held() == 0
