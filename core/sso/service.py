@@ -779,14 +779,16 @@ def _is_link_url(url: str) -> bool:
 def connect_gate_target(
     *, session: Session, tenant_id: int, app_user_email: str, link_url: str, now: datetime | None = None
 ) -> str | None:
-    """Where a connect link must send its user first: the tenant's SSO sign-in, when the tenant has a
-    tested SSO configuration and is not suspended; else None (the link works with no SSO step)."""
+    """Where a connect link must send its user first: the tenant's SSO sign-in, once the tenant's current
+    IdP configuration has passed a test login; else None (the link works with no SSO step).
+
+    A later failed test does not switch the step off (that would open every link to whoever holds it),
+    nor does suspending the tenant; importing changed metadata does, until it is tested again, so users
+    are never sent to an IdP configuration nobody has seen work."""
     now = _now(now)
     tenant = session.get(Tenant, tenant_id)
     config = _config(session, tenant_id)
-    if tenant is None or config is None or tenant.status == TenantStatus.suspended.value:
-        return None
-    if config.tested_at is None or not config.last_test_ok:
+    if tenant is None or config is None or config.tested_at is None:
         return None
     if not _is_link_url(link_url):
         raise InvalidInput(f"A connect link's address must start with {get_settings().public('/connect/')}.")

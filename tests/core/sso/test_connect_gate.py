@@ -197,3 +197,20 @@ def test_a_used_link_shows_what_we_hold_and_revokes_only_after_sso(sso_world, pe
     assert page.status_code == 410 and "Revoke it now" in page.text
     revoked = browser.post(f"/connect/{token}", data={"csrf": _csrf(page.text), "action": "revoke"})
     assert revoked.status_code == 200 and "Revoked" in revoked.text and held() == 0
+
+
+def test_a_failed_later_test_or_a_suspension_does_not_open_links_without_sso(  # type: ignore[no-untyped-def]
+    sso_world, people, browser, crm
+) -> None:
+    w = sso_world
+    _tested_sso(w)
+    token = _link(w, people)
+    with w.session() as s:
+        config = s.exec(select(SsoConfig)).one()
+        config.last_test_ok = False  # someone cancelled a later test login at the IdP
+        s.add(config)
+        tenant = s.get(type(w.bigcorp), w.bigcorp.id)
+        tenant.status = "suspended"
+        s.add(tenant)
+        s.commit()
+    assert browser.get(f"/connect/{token}", follow_redirects=False).status_code == 303
