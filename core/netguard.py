@@ -78,6 +78,7 @@ def pinned(url: str, ip: str) -> Pinned:
     port = parts.port or default_port
     ip_host = f"[{ip}]" if ":" in ip else ip
     netloc = ip_host if port == default_port else f"{ip_host}:{port}"
-    host_header = host if port == default_port else f"{host}:{port}"
+    named = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in Host
+    host_header = named if port == default_port else f"{named}:{port}"
     return Pinned(url=parts._replace(scheme=scheme, netloc=netloc).geturl(), host_header=host_header,
                   extensions={"sni_hostname": host} if scheme == "https" else {}, ip=ip)

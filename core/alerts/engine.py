@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from sqlmodel import Session, col, select
 
-from core.accounts.secrets import read_secret
+from core.accounts.secrets import SEALED_PREFIX, read_secret, store_secret
 from core.alerts.channels import SmtpConfig, parse_recipients, post_webhook, send_email
 from core.alerts.models import (
     AlertChannel,
@@ -315,6 +315,13 @@ def deliver(
                                   purpose=webhook_url_purpose(ch.id), reason="send an alert webhook", now=now)
                 secret = read_secret(session, ch.secret_ref, principal=SYSTEM, owner=channel_owner(ch.id),
                                      purpose=webhook_purpose(ch.id), reason="sign an alert webhook", now=now)
+                if ch.tenant_id is not None and ch.url_ref.startswith(SEALED_PREFIX):
+                    # sealed by the migration with the platform key: move it into the tenant's vault, so
+                    # the tenant's crypto-shred covers it like every URL stored since
+                    ch.url_ref = store_secret(session, principal=SYSTEM, tenant_id=ch.tenant_id,
+                                              owner=channel_owner(ch.id), purpose=webhook_url_purpose(ch.id),
+                                              secret=url, now=now)
+                    session.add(ch)
                 body_bytes = json.dumps(payload(notice, tenant, delivery.id), sort_keys=True).encode()
                 session.commit()
                 status_code = post_webhook(url, body=body_bytes, secret=secret, event=f"alert.{notice.kind}",

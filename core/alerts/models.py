@@ -68,7 +68,9 @@ class AlertChannel(SQLModel, table=True):
     kind: str = Field(max_length=10)
     name: str = Field(max_length=120)
     target: str = Field(max_length=2000)  # recipients (comma-separated), or the webhook URL masked (https://host/…)
-    url_ref: str | None = Field(default=None, max_length=2000)  # the webhook's full URL (vault reference)
+    # the webhook's full URL: a vault reference, or (staff channels) sealed with the platform key, which
+    # makes a 2,000-character URL about 2,700 characters
+    url_ref: str | None = Field(default=None, max_length=4000)
     secret_ref: str | None = Field(default=None, max_length=2000)  # webhook signing secret (vault reference)
     secret_revealed_at: datetime | None = Field(default=None, sa_column=utc_column())
     rules_json: str = Field(default="[]", max_length=2000)  # [] = every rule

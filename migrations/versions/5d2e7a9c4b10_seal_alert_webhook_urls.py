@@ -4,7 +4,9 @@ behind ``url_ref``.
 
 Existing rows are sealed here with the platform key (derived from the server secret, outside the
 database), which ``core.accounts.secrets.read_secret`` opens like a vault reference; new tenant
-channels keep their URL in the tenant's vault. A downgrade restores the URLs sealed here; a URL kept
+channels keep their URL in the tenant's vault, and a tenant channel sealed here moves into its tenant's
+vault at its next delivery (so a tenant's crypto-shred covers it). A downgrade restores the URLs
+sealed here; a URL kept
 in a tenant's vault needs the vault's keys and stays masked (re-enter it on the Alerts page).
 
 Revision ID: 5d2e7a9c4b10
@@ -29,7 +31,7 @@ _channels = sa.table('alert_channel', sa.column('id', sa.Integer), sa.column('ki
 
 def upgrade() -> None:
     with op.batch_alter_table('alert_channel', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('url_ref', sqlmodel.sql.sqltypes.AutoString(length=2000), nullable=True))
+        batch_op.add_column(sa.Column('url_ref', sqlmodel.sql.sqltypes.AutoString(length=4000), nullable=True))
 
     from core.accounts.secrets import seal_platform
     from core.alerts.channels import masked_webhook_url

@@ -186,7 +186,8 @@ def test_webhook_url_is_kept_in_the_vault_and_shown_masked(session, tenant, staf
     from core.tenants.models import AuditEvent
 
     hooks = {tenant.id: "https://hooks.slack.example/services/T000/B000/canary-tenant-31337",
-             None: "https://ops.example:8443/hook?token=canary-staff-31337"}
+             # as long as the form allows: sealed, it must still fit its column (PostgreSQL enforces it)
+             None: "https://ops.example:8443/hook?token=canary-staff-31337&pad=" + "x" * 1900}
     rows = {tid: service.add_webhook_channel(session=session, principal=admin_of(tenant) if tid else staff,
                                              tenant_id=tid, name="Hook", url=url) for tid, url in hooks.items()}
     session.commit()
@@ -284,3 +285,23 @@ def test_webhook_connects_to_the_address_it_checked_not_a_second_dns_answer():
             post_webhook("https://hooks.example.com/x", body=b"{}", secret="whsec_x", event="test", delivery_id="d-2",
                          client=http, resolver=lambda host, port: ["93.184.216.34", "::ffff:10.0.0.1"])
     assert len(seen) == 1
+
+
+def test_a_tenant_webhook_url_sealed_by_the_migration_moves_into_the_tenant_vault(session, tenant, vault_keys,
+                                                                                  webhook_receiver, monkeypatch):
+    """So the tenant's crypto-shred covers it, like every URL stored since."""
+    from core.accounts.secrets import SEALED_PREFIX, seal_platform
+    from core.alerts.models import AlertChannel
+
+    ch = _webhook(session, tenant, webhook_receiver, monkeypatch)
+    row = session.get(AlertChannel, ch.id)
+    row.url_ref = seal_platform(webhook_receiver.url, owner=engine.channel_owner(ch.id),
+                                purpose=engine.webhook_url_purpose(ch.id))  # what the migration wrote
+    session.add(row)
+    session.commit()
+    d = service.send_test(session=session, principal=admin_of(tenant), channel_id=ch.id, allow_private=True)
+    assert d.status == "sent" and len(webhook_receiver.received) == 1
+    session.refresh(row)
+    assert not row.url_ref.startswith(SEALED_PREFIX)
+    assert service.send_test(session=session, principal=admin_of(tenant), channel_id=ch.id,
+                             allow_private=True).status == "sent"  # read back from the vault

@@ -174,3 +174,13 @@ def test_address_rules() -> None:
     assert address_problem("127.0.0.1", allow_loopback=True) is None
     assert address_problem("::ffff:127.0.0.1", allow_loopback=True) is None
     assert address_problem("::ffff:10.0.0.1", allow_loopback=True) == "a private address"
+
+
+def test_pinning_keeps_the_host_name_for_host_and_sni_and_brackets_an_ipv6_literal():
+    from core.netguard import pinned
+
+    pin = pinned("https://idp.example.com:8443/md?x=1", "93.184.216.34")
+    assert (pin.url, pin.host_header, pin.extensions) == (
+        "https://93.184.216.34:8443/md?x=1", "idp.example.com:8443", {"sni_hostname": "idp.example.com"})
+    v6 = pinned("https://[2001:db8::1]:8443/x", "2001:db8::1")
+    assert v6.url == "https://[2001:db8::1]:8443/x" and v6.host_header == "[2001:db8::1]:8443"
