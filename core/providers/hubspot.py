@@ -125,13 +125,16 @@ class HubSpotConfig:
             portal_id=str(account.setting("portal_id")) if account.setting("portal_id") else None,
         )
         if mode == "oauth" and not (cfg.client_id and cfg.client_secret and cfg.refresh_token):
-            missing = "the app's client ID" if not cfg.client_id else (
-                "the app's client secret" if not cfg.client_secret else "an install of the app (its refresh token)")
-            raise ConfigurationError(
-                f"The HubSpot OAuth account has no {missing} yet.",
-                fix="Enter the app's client secret on the account's credentials page (Enter credentials), then "
-                    "press \"Install the app in HubSpot\" there.",
-            )
+            if not cfg.client_id:
+                missing, fix = "the app's client ID", "Add the account again with the app's client ID."
+            elif not cfg.client_secret:
+                missing, fix = "the app's client secret", (
+                    "Enter it on the account's credentials page (Enter credentials), then press \"Install the app "
+                    "in HubSpot\" there.")
+            else:
+                missing, fix = "an install of the app (its refresh token)", (
+                    "Press \"Install the app in HubSpot\" on the account's credentials page (Enter credentials).")
+            raise ConfigurationError(f"The HubSpot OAuth account has no {missing} yet.", fix=fix)
         if mode != "oauth" and not cfg.token:
             raise ConfigurationError(
                 "The HubSpot account has no token: paste the service key (or the legacy private app's "

@@ -73,6 +73,7 @@ from core.web import SESSION_COOKIE, csrf_ok, csrf_token_for, esc, html_page
 log = logging.getLogger(__name__)
 
 STATE_TTL = timedelta(minutes=15)
+START_AGAIN = "start again from your connect link (or, for an app install, from the account's credentials page)"
 CALLBACK_PATH = "/oauth/{provider}/callback"
 
 
@@ -123,13 +124,13 @@ def read_state(state: str, *, now: datetime) -> dict[str, Any]:
     body, _, sig = (state or "").partition(".")
     expected = _b64(hmac.new(_key(), body.encode(), hashlib.sha256).digest())
     if not body or not hmac.compare_digest(expected, sig):
-        raise LinkInvalid("This sign-in link is not valid: start again from your connect link.")
+        raise LinkInvalid(f"This sign-in link is not valid: {START_AGAIN}.")
     try:
         payload = json.loads(_unb64(body))
     except ValueError:
-        raise LinkInvalid("This sign-in link is not valid: start again from your connect link.") from None
+        raise LinkInvalid(f"This sign-in link is not valid: {START_AGAIN}.") from None
     if int(payload.get("e", 0)) < int(now.timestamp()):
-        raise LinkInvalid("This sign-in link has expired (15 minutes): start again from your connect link.")
+        raise LinkInvalid(f"This sign-in link has expired (15 minutes): {START_AGAIN}.")
     return dict(payload)
 
 
@@ -176,13 +177,13 @@ def begin_authorization(
 def _redeem(session: Session, state: str, payload: dict[str, Any], now: datetime) -> None:
     digest = hashlib.sha256(state.encode()).hexdigest()
     if session.get(OAuthStateUse, digest) is not None:
-        raise LinkInvalid("This sign-in was already completed: start again from your connect link.")
+        raise LinkInvalid(f"This sign-in was already completed: {START_AGAIN}.")
     session.add(OAuthStateUse(state_hash=digest, used_at=now,
                               expires_at=datetime.fromtimestamp(int(payload["e"]), tz=now.tzinfo)))
     try:
         session.flush()
     except IntegrityError:
-        raise LinkInvalid("This sign-in was already completed: start again from your connect link.") from None
+        raise LinkInvalid(f"This sign-in was already completed: {START_AGAIN}.") from None
 
 
 def _account_secret(session: Session, account: CrmAccount, principal: Principal) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def complete_authorization(
     now = now or utcnow()
     payload = read_state(state, now=now)
     if payload.get("p") != provider:
-        raise LinkInvalid("This sign-in link belongs to another CRM: start again from your connect link.")
+        raise LinkInvalid(f"This sign-in link belongs to another CRM: {START_AGAIN}.")
     _redeem(session, state, payload, now)
     account = session.get(CrmAccount, int(payload["a"]))
     if account is None:
@@ -247,7 +248,7 @@ def _store_for_app_user(done: OAuthCompletion) -> str:
     try:
         user_id = int(done.binding.split(":", 1)[1])
     except (IndexError, ValueError):
-        raise LinkInvalid("This sign-in link is not valid: start again from your connect link.") from None
+        raise LinkInvalid(f"This sign-in link is not valid: {START_AGAIN}.") from None
     user = done.session.get(AppUser, user_id)
     if user is None or user.tenant_id != done.account.tenant_id:
         raise LinkInvalid("This sign-in link does not belong to this CRM account.")
@@ -339,7 +340,7 @@ def _install_html(view: service.AccountCredentials, session_token: str) -> str:
     href = get_settings().public(f"/crm-accounts/{view.account_id}/install") + "?csrf=" + token
     return (f"<h2>Install the app</h2><p>An admin of the {esc(view.provider_name)} account approves the install on "
             f"{esc(view.provider_name)}'s own page; CRM Bridge then keeps the install's refresh token in the vault "
-            "with the app's secret. Install again after replacing the secret.</p>"
+            "with the app's secret (replacing the secret keeps the install).</p>"
             f"<p><a href='{esc(href)}'>Install the app in {esc(view.provider_name)}</a></p>")
 
 
@@ -406,8 +407,8 @@ def _state_html(view: service.AccountCredentials) -> str:
     return "<p class=note>No credentials are stored yet (they are optional for this sign-in method).</p>"
 
 
-def _form_page(view: service.AccountCredentials, csrf: str, *, error: str = "", run_test: bool = True,
-               status: int = 200, session_token: str = "") -> Response:
+def _form_page(view: service.AccountCredentials, csrf: str, *, session_token: str, error: str = "",
+               run_test: bool = True, status: int = 200) -> Response:
     title = f"Credentials for {view.label}"
     head = (f"<h1>{esc(title)}</h1><p>{esc(view.provider_name)} · {esc(view.auth_mode_title)}</p>"
             + (f"<p class=error role=alert>{esc(error)}</p>" if error else ""))
@@ -488,9 +489,9 @@ def _credentials(request: Request, account_id: int, form: dict[str, str] | None)
     run_test = form.get("test") == "1" and not view.installs_app  # nothing to test before the install
     if not csrf_ok(binding, form.get("csrf")):
         log.warning("crm account %s credentials: refused a POST without a valid CSRF token", account_id)
-        return _form_page(view, csrf, error=CSRF_FAILED, run_test=run_test, status=403)
+        return _form_page(view, csrf, session_token=session_token, error=CSRF_FAILED, run_test=run_test, status=403)
     if not view.needs_secret:
-        return _form_page(view, csrf, status=400)
+        return _form_page(view, csrf, session_token=session_token, status=400)
     # browsers send a textarea's line breaks as CRLF: a PEM key is stored with the LF it was written in
     secrets_ = {f.name: (form.get(f.name, "").replace("\r\n", "\n") if f.type == "text" else form.get(f.name, ""))
                 for f in view.fields}
@@ -501,10 +502,10 @@ def _credentials(request: Request, account_id: int, form: dict[str, str] | None)
     except AccessDenied as exc:
         return _refusal("Not allowed", str(exc), 403)
     except InvalidInput as exc:
-        return _form_page(view, csrf, error=str(exc), run_test=run_test, status=400)
+        return _form_page(view, csrf, session_token=session_token, error=str(exc), run_test=run_test, status=400)
     except CrmBridgeError as exc:  # vault keys missing and the like: a server-side problem
         log.warning("crm account %s credentials: not stored (%s)", account_id, type(exc).__name__)
-        return _form_page(view, csrf, error=str(exc), run_test=run_test, status=503)
+        return _form_page(view, csrf, session_token=session_token, error=str(exc), run_test=run_test, status=503)
     finally:
         secrets_.clear()
         form.clear()
@@ -546,6 +547,9 @@ def _install(request: Request, account_id: int) -> Response:
                 return _refusal("Install", "Enter the app's client secret first, then install the app.", 400)
             account = s.get(CrmAccount, account_id)
             assert account is not None
+            if not AccountConfig.from_crm_account(account).setting("client_id"):
+                return _refusal("Install", f"{view.label} has no app client ID: set it on the account first "
+                                "(remove the account and add it again with the client ID).", 400)
             url = begin_authorization(account=account, binding=f"install:{account_id}:{principal.email}")
             record_event(s, principal=principal, action="crm_account.app_install.start",
                          tenant_id=account.tenant_id, target=f"crm_account:{account_id}")

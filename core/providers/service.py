@@ -375,9 +375,13 @@ def store_account_credentials(
                 clean[f.name] = value
         if not clean:
             raise InvalidInput("Enter " + " or ".join(f.title for f in specs) + ": nothing was stored.")
+        names = sorted(clean)
+        if mode.mode in INSTALL_MODES and account.credential_mode == "api_user":
+            kept = _held_refresh_token(session, account, now)  # a new app secret keeps the app's install
+            if kept:
+                clean["refresh_token"] = kept
         replaced = _put_account_secret(session, principal=principal, account=account, auth_mode=mode.mode,
                                        secrets=clean, now=now)
-        names = sorted(clean)
     finally:
         clean.clear()
     record_event(session, principal=principal, action="crm_account.credentials." + ("replace" if replaced else "store"),
@@ -387,6 +391,23 @@ def store_account_credentials(
     log.info("crm account %s: credentials %s by %s", account.id, "replaced" if replaced else "stored",
              principal.email)
     return _credentials_of(session, account)
+
+
+def _held_refresh_token(session: Session, account: CrmAccount, now: datetime) -> str | None:
+    """The app install's refresh token held with the account's current secret, if any (vault.use: this
+    commits the caller's session first, so call it before writing)."""
+    vault = _vault()
+    ref = vault.find_credential(session, tenant_id=account.tenant_id, crm_account_id=account.id,
+                                app_user_id=None, purpose=CREDENTIAL_PURPOSE)
+    if ref is None:
+        return None
+    try:
+        with vault.use(session, ref, principal=INSTALL_PRINCIPAL, reason="keep the app install with a new secret",
+                       now=now) as secret:
+            token = json.loads(secret.get_secret_value()).get("refresh_token")
+    except CrmBridgeError:  # destroyed, expired or unreadable: nothing to keep, the admin installs again
+        return None
+    return str(token) if token else None
 
 
 def store_install_grant(

@@ -109,6 +109,26 @@ def test_admin_installs_the_app_and_the_account_connects_as_the_installer(  # ty
     assert again.status_code == 400 and "already completed" in again.text
     assert _stored_secret(app_db, account_id) == stored
 
+    # Replacing the app's secret keeps the install (HubSpot keeps refresh tokens across a new secret).
+    page = client.get(f"/crm-accounts/{account_id}/credentials")
+    csrf = re.search(r"name=csrf value='([0-9a-f]{64})'", page.text).group(1)  # type: ignore[union-attr]
+    assert client.post(f"/crm-accounts/{account_id}/credentials",
+                       data={"csrf": csrf, "client_secret": APP_SECRET}).status_code == 200
+    assert _stored_secret(app_db, account_id)["refresh_token"] == stored["refresh_token"]  # type: ignore[index]
+
+
+def test_a_form_error_page_still_offers_a_working_install_link(client, app_db, vault_keys, sandbox_app) -> None:  # type: ignore[no-untyped-def]
+    account_id, tenant_id = _hubspot_account(app_db, sandbox_app)
+    client.cookies.set(SESSION_COOKIE, _signed_in(app_db, email="admin@hubco.example", role="tenant_admin",
+                                                  tenant_id=tenant_id))
+    _save_secret(client, account_id)
+    expired = client.post(f"/crm-accounts/{account_id}/credentials", data={"csrf": "0" * 64, "client_secret": "x"})
+    assert expired.status_code == 403
+    install = html.unescape(INSTALL_RE.search(expired.text).group(1))  # type: ignore[union-attr]
+    started = client.get(urlsplit(install).path + "?" + urlsplit(install).query)
+    assert started.status_code == 303 and started.headers["location"].startswith(
+        sandbox_app.url("/hubspot/oauth/authorize?"))
+
 
 def test_install_link_needs_the_console_session_that_got_it_and_the_app_secret_first(  # type: ignore[no-untyped-def]
     client, app_db, vault_keys, sandbox_app
