@@ -319,13 +319,10 @@ CSRF_FAILED = ("This form expired or was not sent from the CRM Bridge console: n
                "Enter the credentials again below.")
 
 
-def _csrf_binding(session_token: str, account_id: int) -> str:
-    """Bound to this console session (its hash: the token itself goes nowhere) and this account."""
-    return f"crm-credentials|{account_id}|" + hashlib.sha256(session_token.encode()).hexdigest()
-
-
-def _install_binding(session_token: str, account_id: int) -> str:
-    return f"crm-install|{account_id}|" + hashlib.sha256(session_token.encode()).hexdigest()
+def _csrf_binding(session_token: str, account_id: int, purpose: str = "crm-credentials") -> str:
+    """Bound to this console session (its hash: the token itself goes nowhere), this account and the
+    form or link it protects (``crm-credentials``, ``crm-install``)."""
+    return f"{purpose}|{account_id}|" + hashlib.sha256(session_token.encode()).hexdigest()
 
 
 def _install_html(view: service.AccountCredentials, session_token: str) -> str:
@@ -336,7 +333,7 @@ def _install_html(view: service.AccountCredentials, session_token: str) -> str:
     if not view.stored:
         return ("<h2>Then install the app</h2><p class=note>Once the app's secret is saved, an admin of the "
                 f"{esc(view.provider_name)} account installs the app from here.</p>")
-    token = csrf_token_for(_install_binding(session_token, view.account_id))
+    token = csrf_token_for(_csrf_binding(session_token, view.account_id, "crm-install"))
     href = get_settings().public(f"/crm-accounts/{view.account_id}/install") + "?csrf=" + token
     return (f"<h2>Install the app</h2><p>An admin of the {esc(view.provider_name)} account approves the install on "
             f"{esc(view.provider_name)}'s own page; CRM Bridge then keeps the install's refresh token in the vault "
@@ -359,6 +356,21 @@ def _credentials_page(title: str, body: str, status: int = 200) -> Response:
 
 def _console_link() -> str:
     return f"<p class=note><a href='{esc(get_settings().public('/tenant'))}'>Back to the console</a></p>"
+
+
+def _to_sign_in(account_id: int) -> Response:
+    """Not signed in: to the console's sign-in, then back to the account's credentials page."""
+    path = service.CREDENTIALS_PATH.format(account_id=account_id)
+    return RedirectResponse(get_settings().public("/auth/login") + "?next=" + quote(path, safe="/"), status_code=303)
+
+
+def _refusal_for(exc: CrmBridgeError, title: str) -> Response:
+    """The page for an error loading the account: no access (403), no such account (404), else 400."""
+    if isinstance(exc, AccessDenied):
+        return _refusal("Not allowed", str(exc), 403)
+    if isinstance(exc, NotFound):
+        return _refusal("Not found", str(exc), 404)
+    return _refusal(title, str(exc), 400)
 
 
 def _refusal(title: str, message: str, status: int) -> Response:
@@ -453,7 +465,7 @@ def _report_html(report: ConnectionReport) -> str:
 
 
 def _result_page(view: service.AccountCredentials, *, replaced: bool, report: ConnectionReport | None,
-                 test_error: str | None, session_token: str = "") -> Response:
+                 test_error: str | None, session_token: str) -> Response:
     title = f"Credentials {'replaced' if replaced else 'saved'}"
     body = (f"<h1>{esc(title)}</h1><p>The credentials for <b>{esc(view.label)}</b> ({esc(view.provider_name)}) "
             f"are {'replaced' if replaced else 'stored'} in the vault.</p>")
@@ -469,19 +481,13 @@ def _result_page(view: service.AccountCredentials, *, replaced: bool, report: Co
 def _credentials(request: Request, account_id: int, form: dict[str, str] | None) -> Response:
     principal = _principal(request)
     if principal is None:
-        path = service.CREDENTIALS_PATH.format(account_id=account_id)
-        return RedirectResponse(get_settings().public("/auth/login") + "?next=" + quote(path, safe="/"),
-                                status_code=303)
+        return _to_sign_in(account_id)
     session_token = request.cookies.get(SESSION_COOKIE) or ""
     try:
         with session_scope() as s:
             view = service.account_credentials(session=s, principal=principal, account_id=account_id)
-    except AccessDenied as exc:
-        return _refusal("Not allowed", str(exc), 403)
-    except NotFound as exc:
-        return _refusal("Not found", str(exc), 404)
     except CrmBridgeError as exc:
-        return _refusal("Credentials", str(exc), 400)
+        return _refusal_for(exc, "Credentials")
     binding = _csrf_binding(session_token, account_id)
     csrf = csrf_token_for(binding)
     if form is None:
@@ -530,17 +536,15 @@ def _principal(request: Request) -> Principal | None:
 def _install(request: Request, account_id: int) -> Response:
     """GET /crm-accounts/{id}/install?csrf=…: start the app install (the CRM's consent page)."""
     principal = _principal(request)
-    path = service.CREDENTIALS_PATH.format(account_id=account_id)
     if principal is None:
-        return RedirectResponse(get_settings().public("/auth/login") + "?next=" + quote(path, safe="/"),
-                                status_code=303)
+        return _to_sign_in(account_id)
     session_token = request.cookies.get(SESSION_COOKIE) or ""
     try:
         with session_scope() as s:
             view = service.account_credentials(session=s, principal=principal, account_id=account_id)
             if not view.installs_app:
                 return _refusal("Install", f"{view.label} does not sign in by an app install.", 400)
-            if not csrf_ok(_install_binding(session_token, account_id), request.query_params.get("csrf")):
+            if not csrf_ok(_csrf_binding(session_token, account_id, "crm-install"), request.query_params.get("csrf")):
                 return _refusal("Install", "This install link was not opened from your console session: open the "
                                 "credentials page and press Install again.", 403)
             if not view.stored:
@@ -553,12 +557,8 @@ def _install(request: Request, account_id: int) -> Response:
             url = begin_authorization(account=account, binding=f"install:{account_id}:{principal.email}")
             record_event(s, principal=principal, action="crm_account.app_install.start",
                          tenant_id=account.tenant_id, target=f"crm_account:{account_id}")
-    except AccessDenied as exc:
-        return _refusal("Not allowed", str(exc), 403)
-    except NotFound as exc:
-        return _refusal("Not found", str(exc), 404)
     except CrmBridgeError as exc:
-        return _refusal("Install", str(exc), 400)
+        return _refusal_for(exc, "Install")
     resp = RedirectResponse(url, status_code=303)
     resp.headers["Cache-Control"] = "no-store"
     return resp

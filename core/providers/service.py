@@ -283,7 +283,7 @@ class AccountCredentials:
     def installs_app(self) -> bool:
         """The account signs in by an app install (HubSpot): after the app's secret is stored, an admin
         of the CRM account approves the install and its refresh token joins that secret."""
-        return self.auth_mode in INSTALL_MODES and self.credential_mode == "api_user"
+        return _installs_app(self.auth_mode, self.credential_mode)
 
     @property
     def stored(self) -> bool:
@@ -376,7 +376,7 @@ def store_account_credentials(
         if not clean:
             raise InvalidInput("Enter " + " or ".join(f.title for f in specs) + ": nothing was stored.")
         names = sorted(clean)
-        if mode.mode in INSTALL_MODES and account.credential_mode == "api_user":
+        if _installs_app(mode.mode, account.credential_mode):
             kept = _held_refresh_token(session, account, now)  # a new app secret keeps the app's install
             if kept:
                 clean["refresh_token"] = kept
@@ -393,20 +393,29 @@ def store_account_credentials(
     return _credentials_of(session, account)
 
 
-def _held_refresh_token(session: Session, account: CrmAccount, now: datetime) -> str | None:
-    """The app install's refresh token held with the account's current secret, if any (vault.use: this
-    commits the caller's session first, so call it before writing)."""
+def _installs_app(auth_mode: str, credential_mode: str) -> bool:
+    return auth_mode in INSTALL_MODES and credential_mode == "api_user"
+
+
+def _held_account_fields(session: Session, account: CrmAccount, *, reason: str, now: datetime) -> dict[str, Any] | None:
+    """The account-level secret fields the vault holds (None when nothing is stored). vault.use commits
+    the caller's session first, so call it before writing."""
     vault = _vault()
     ref = vault.find_credential(session, tenant_id=account.tenant_id, crm_account_id=account.id,
                                 app_user_id=None, purpose=CREDENTIAL_PURPOSE)
     if ref is None:
         return None
+    with vault.use(session, ref, principal=INSTALL_PRINCIPAL, reason=reason, now=now) as secret:
+        return dict(json.loads(secret.get_secret_value()))
+
+
+def _held_refresh_token(session: Session, account: CrmAccount, now: datetime) -> str | None:
+    """The app install's refresh token held with the account's current secret, if any."""
     try:
-        with vault.use(session, ref, principal=INSTALL_PRINCIPAL, reason="keep the app install with a new secret",
-                       now=now) as secret:
-            token = json.loads(secret.get_secret_value()).get("refresh_token")
+        fields = _held_account_fields(session, account, reason="keep the app install with a new secret", now=now)
     except CrmBridgeError:  # destroyed, expired or unreadable: nothing to keep, the admin installs again
         return None
+    token = (fields or {}).get("refresh_token")
     return str(token) if token else None
 
 
@@ -423,17 +432,12 @@ def store_install_grant(
     """
     now = now or utcnow()
     mode = _auth_mode_of(account)
-    if mode.mode not in INSTALL_MODES or account.credential_mode != "api_user":
+    if not _installs_app(mode.mode, account.credential_mode):
         raise InvalidInput(f"{account.label} does not sign in by an app install: nothing was stored.")
-    vault = _vault()
-    ref = vault.find_credential(session, tenant_id=account.tenant_id, crm_account_id=account.id,
-                                app_user_id=None, purpose=CREDENTIAL_PURPOSE)
-    if ref is None:
+    fields = _held_account_fields(session, account, reason="add an app install's refresh token", now=now)
+    if fields is None:
         raise InvalidInput("The app's client secret is not stored: enter it on the credentials page, then install "
                            "the app again.")
-    with vault.use(session, ref, principal=INSTALL_PRINCIPAL, reason="add an app install's refresh token",
-                   now=now) as secret:
-        fields = json.loads(secret.get_secret_value())
     try:
         fields["refresh_token"] = refresh_token
         _put_account_secret(session, principal=INSTALL_PRINCIPAL, account=account, auth_mode=mode.mode,
