@@ -201,15 +201,18 @@ def _post(request: Request, token: str, form: dict[str, str], now: datetime) -> 
         return _page("Connect link", "<h1>Please try again</h1><p class=error>This form expired or was sent from "
                      "another site. Open your connect link again and resubmit.</p>", status=403)
     action = form.get("action")
+    if action not in ("revoke", "store"):
+        return _invalid("Unknown action: use the buttons on the connect page.", status=400)
+    try:
+        with session_scope() as s:
+            view = connect.open_link(s, token, now=now, audit=False)
+    except LinkInvalid as exc:
+        return _invalid(str(exc))
+    # SSO first: to revoke from any link (its page says what we hold), to store through an open one
+    if (action == "revoke" or view.is_open) and _gate(view, token, request):
+        _refused(token, "sso", now)
+        return _invalid("Sign in with your company's single sign-on first: open your connect link again.", 403)
     if action == "revoke":
-        try:
-            with session_scope() as s:
-                seen = connect.open_link(s, token, now=now, audit=False)
-        except LinkInvalid as exc:
-            return _invalid(str(exc))
-        if _gate(seen, token, request):
-            _refused(token, "sso", now)
-            return _invalid("Sign in with your company's single sign-on first: open your connect link again.", 403)
         try:
             with session_scope() as s:
                 held = connect.revoke_via_link(s, token, now=now)
@@ -219,16 +222,6 @@ def _post(request: Request, token: str, form: dict[str, str], now: datetime) -> 
                 "ask your admin for a new connect link." if held else "CRM Bridge holds no CRM login of yours for "
                 "this account: there was nothing to revoke.")
         return _page("Revoked", f"<h1>{'Revoked' if held else 'Nothing to revoke'}</h1><p>{esc(text)}</p>")
-    if action != "store":
-        return _invalid("Unknown action: use the buttons on the connect page.", status=400)
-    try:
-        with session_scope() as s:
-            view = connect.open_link(s, token, now=now, audit=False)
-    except LinkInvalid as exc:
-        return _invalid(str(exc))
-    if view.is_open and _gate(view, token, request):
-        _refused(token, "sso", now)
-        return _invalid("Sign in with your company's single sign-on first: open your connect link again.", 403)
     password = SecretStr(form.get("password", ""))
     try:
         result: SubmitResult = connect.submit_link(
