@@ -3,7 +3,7 @@
 ``use()`` runs before every call to a CRM, so its cost is on every sync. It reads the credential with
 its tenant key and policy in one statement, records the last use, and appends the access event to the
 tenant's audit chain (the same row and HMAC ``core.tenants.audit.record_event`` would write, computed
-by that module's own ``compute_hmac``), then commits — all in one short transaction of its own on a
+by that module's own ``compute_hmac``, and the same head MAC and global seal, from its ``advance``), then commits — all in one short transaction of its own on a
 DB-API connection of the engine. Through an ORM session the same work cost 3 to 15 times as much
 (session begin and commit alone cost more than the SQL); bench/vault.py holds this path to 1.3×
 hand-written DB-API SQL.
@@ -31,7 +31,7 @@ from sqlalchemy.pool import StaticPool
 from core.errors import ConfigurationError, CredentialInvalid
 from core.settings import Settings, get_settings
 from core.tenants.access import Principal, can_access_tenant
-from core.tenants.audit import audit_key, chain_name, compute_hmac
+from core.tenants.audit import advance, audit_key, chain_name, compute_hmac, head_key, old_state
 from core.tenants.models import AuditEvent
 from core.vault import keys
 from core.vault.crypto import credential_aad, open_sealed, unwrap_dek
@@ -50,13 +50,15 @@ _SELECT = (
     " LEFT JOIN vault_policy p ON p.tenant_id = c.tenant_id WHERE c.id = ?"
 )
 _UPDATE = "UPDATE vault_credential SET last_used_at = ?, use_count = use_count + 1 WHERE id = ?"
-_HEAD = "SELECT seq, last_hmac FROM audit_head WHERE chain = ?"
+_SEAL = "SELECT chains, events, digest FROM audit_seal WHERE id = 1"
+_HEAD = "SELECT seq, last_hmac, mac FROM audit_head WHERE chain = ?"
 _INSERT_EVENT = (
     "INSERT INTO audit_event (chain, seq, occurred_at, tenant_id, actor, actor_role, action, target, details, via,"
     " prev_hmac, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_UPDATE_HEAD = "UPDATE audit_head SET seq = ?, last_hmac = ? WHERE chain = ?"
-_INSERT_HEAD = "INSERT INTO audit_head (chain, seq, last_hmac) VALUES (?, ?, ?)"
+_UPDATE_HEAD = "UPDATE audit_head SET seq = ?, last_hmac = ?, mac = ? WHERE chain = ?"
+_INSERT_HEAD = "INSERT INTO audit_head (chain, seq, last_hmac, mac) VALUES (?, ?, ?, ?)"
+_UPDATE_SEAL = "UPDATE audit_seal SET chains = ?, events = ?, digest = ?, mac = ? WHERE id = 1"
 
 
 def _from_db(value: Any) -> datetime | None:
@@ -145,12 +147,15 @@ class HotPath:
 
         self.select = conv(_SELECT)
         self.update = conv(_UPDATE)
+        self.seal = conv(_SEAL) + ("" if self.sqlite else " FOR UPDATE")  # the seal first, as record_event
         self.head = conv(_HEAD) + ("" if self.sqlite else " FOR UPDATE")
         self.insert_event = conv(_INSERT_EVENT)
         self.update_head = conv(_UPDATE_HEAD)
         self.insert_head = conv(_INSERT_HEAD)
+        self.update_seal = conv(_UPDATE_SEAL)
         self._settings: Settings | None = None
         self._audit_key = b""
+        self._head_key = b""
         self.keep = self.sqlite and not isinstance(engine.pool, StaticPool)
         self.idle: list[Any] = []
         if self.keep:
@@ -234,7 +239,8 @@ class HotPath:
         chain = chain_name(tenant_id)
         settings = get_settings()
         if settings is not self._settings:  # audit_key() re-decodes the server secret on every call
-            self._audit_key, self._settings = audit_key(), settings
+            self._audit_key, self._head_key, self._settings = audit_key(), head_key(), settings
+        seal = conn.execute(self.seal).fetchone()
         head = conn.execute(self.head, (chain,)).fetchone()
         prev = head[1] if head else ""
         ev = SimpleNamespace(
@@ -247,10 +253,16 @@ class HotPath:
         conn.execute(self.insert_event, (
             chain, ev.seq, at, tenant_id, ev.actor, ev.actor_role, USE_ACTION, ev.target, ev.details, None, prev, mac,
         ))
+        head_mac = None
+        if seal is not None:  # else a log from before head MACs, not sealed yet: record_event does the same
+            up = advance(self._head_key, chain=chain, old=old_state(head[0], head[1], head[2]) if head else None,
+                         count=ev.seq, last_hmac=mac, seal=(seal[0], seal[1], seal[2]))
+            head_mac = up.head_mac
+            conn.execute(self.update_seal, (up.chains, up.events, up.digest, up.seal_mac))
         if head:
-            conn.execute(self.update_head, (ev.seq, mac, chain))
+            conn.execute(self.update_head, (ev.seq, mac, head_mac, chain))
         else:
-            conn.execute(self.insert_head, (chain, ev.seq, mac))
+            conn.execute(self.insert_head, (chain, ev.seq, mac, head_mac))
 
 
 KEEP_IDLE = 8

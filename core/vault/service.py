@@ -56,7 +56,7 @@ from core.errors import (
 )
 from core.tenants.access import Principal, require_staff, require_tenant
 from core.tenants.audit import chain_name, record_event
-from core.tenants.models import AppUser, AuditEvent, AuditHead, CredentialMode, CrmAccount, Tenant
+from core.tenants.models import AppUser, AuditEvent, AuditHead, AuditSeal, CredentialMode, CrmAccount, Tenant
 from core.vault import keys
 from core.vault.crypto import credential_aad, invalid, new_dek, open_sealed, seal, unwrap_dek, wrap_dek
 from core.vault.hotpath import Found, hot_path
@@ -323,7 +323,8 @@ def _forget_stale(session: Session, credential_id: int, tenant_id: int) -> None:
     """The hot path wrote past the ORM: expire what this session may hold of those rows."""
     if not len(session.identity_map):
         return
-    for key in (identity_key(VaultCredential, credential_id), identity_key(AuditHead, chain_name(tenant_id))):
+    for key in (identity_key(VaultCredential, credential_id), identity_key(AuditHead, chain_name(tenant_id)),
+                identity_key(AuditSeal, 1)):
         obj = session.identity_map.get(key)
         if obj is not None:
             session.expire(obj)
