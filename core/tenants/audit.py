@@ -141,8 +141,13 @@ def lock_head(session: Session, chain: str) -> tuple[AuditHead, AuditSeal | None
     if pg:
         seal_q = seal_q.with_for_update()
     seal = session.exec(seal_q).first()
-    if seal is None and session.exec(select(func.count()).select_from(AuditHead)
-                                     .where(AuditHead.seq > 0)).one() == 0:
+    if seal is not None:
+        pass
+    elif session.exec(select(func.count()).select_from(AuditHead).where(AuditHead.seq > 0)).one():
+        # Heads but no seal: a log from before head MACs (left unsealed) — or another writer has
+        # just started the seal and committed since our first look (PostgreSQL): look once more.
+        seal = session.exec(seal_q).first()
+    else:
         # A new, empty log: start the seal.
         key = head_key()
         values = {"id": 1, "chains": 0, "events": 0, "digest": ZERO_DIGEST,
