@@ -150,7 +150,7 @@ def lock_head(session: Session, chain: str) -> tuple[AuditHead, AuditSeal | None
     else:
         # A new, empty log: start the seal.
         key = head_key()
-        values = {"id": 1, "chains": 0, "events": 0, "digest": ZERO_DIGEST,
+        values: dict[str, Any] = {"id": 1, "chains": 0, "events": 0, "digest": ZERO_DIGEST,
                   "mac": seal_mac(key, 0, 0, ZERO_DIGEST)}
         if pg:
             from sqlalchemy.dialects.postgresql import insert as pg_insert

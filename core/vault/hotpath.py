@@ -3,9 +3,10 @@
 ``use()`` runs before every call to a CRM, so its cost is on every sync. It reads the credential with
 its tenant key and policy in one statement, records the last use, and appends the access event to the
 tenant's audit chain (the same row and HMAC ``core.tenants.audit.record_event`` would write, computed
-by that module's own ``compute_hmac``, and the same head MAC and global seal, from its ``advance``), then commits — all in one short transaction of its own on a
-DB-API connection of the engine. Through an ORM session the same work cost 3 to 15 times as much
-(session begin and commit alone cost more than the SQL); bench/vault.py holds this path to 1.3×
+by that module's own ``compute_hmac``; the same head MAC and global seal, from its ``advance``),
+then commits — all in one short transaction of its own on a DB-API connection of the engine.
+Through an ORM session the same work cost 3 to 15 times as much (session begin and commit alone
+cost more than the SQL); bench/vault.py holds this path to 1.3×
 hand-written DB-API SQL.
 
 Owning the transaction also means: the access record is durable before the secret is released (a
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -34,7 +35,7 @@ from core.tenants.access import Principal, can_access_tenant
 from core.tenants.audit import advance, audit_key, chain_name, compute_hmac, head_key, old_state
 from core.tenants.models import AuditEvent
 from core.vault import keys
-from core.vault.crypto import credential_aad, open_sealed, unwrap_dek
+from core.vault.crypto import credential_aad, malformed, open_sealed, unwrap_dek
 from core.vault.models import CredentialState
 from core.vault.policy import DEFAULT_POLICY
 
@@ -88,6 +89,8 @@ class Found:
     raw_created_at: Any
     raw_failed_at: Any
     idle_days: int
+    kek_id: str = ""
+    raw_ciphertext: Any = field(default=None, repr=False)
 
     @property
     def expires_at(self) -> datetime | None:
@@ -108,7 +111,9 @@ class Found:
 @dataclass
 class Outcome:
     """``status``: "ok" (``plaintext`` and ``tenant_id`` set), or the refusal: "missing", "denied",
-    "failed", "invalid", "expired", "idle" or "tampered" (``found`` set unless missing)."""
+    "failed", "invalid", "expired", "idle", "dek" (the tenant's data key did not unwrap), "unreadable"
+    (the ciphertext is not a ciphertext: wrong type, truncated) or "tampered" (``found`` set unless
+    missing)."""
 
     status: str
     found: Found | None = None
@@ -118,7 +123,7 @@ class Outcome:
 
 def _found(credential_id: int, row: Any) -> Found:
     return Found(credential_id, row[0], row[1], row[2], row[3], row[4], row[5], row[7], row[8], row[9], row[10],
-                 row[11], row[15] or DEFAULT_POLICY.idle_days)
+                 row[11], row[15] or DEFAULT_POLICY.idle_days, row[12], row[6])
 
 
 class HotPath:
@@ -191,11 +196,15 @@ class HotPath:
                 try:
                     dek = unwrap_dek(keys.ring_with(kek_id).key(kek_id), row[13], tenant_id=tenant_id, kek_id=kek_id,
                                      dek_version=row[14])
-                    plaintext = open_sealed(dek, row[6], credential_aad(
-                        tenant_id=tenant_id, crm_account_id=row[1], app_user_id=row[2], purpose=row[3],
-                        credential_id=credential_id, version=row[5]))
                 except CredentialInvalid:
-                    status = "tampered"
+                    status = "dek"  # the tenant key (or the vault key) is wrong: never the credential's fault
+                else:
+                    try:
+                        plaintext = open_sealed(dek, row[6], credential_aad(
+                            tenant_id=tenant_id, crm_account_id=row[1], app_user_id=row[2], purpose=row[3],
+                            credential_id=credential_id, version=row[5]))
+                    except CredentialInvalid:
+                        status = "unreadable" if malformed(row[6]) is not None else "tampered"
             if status is not None:
                 conn.rollback()
                 clean = True
