@@ -21,7 +21,7 @@ def _out(text: str) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from core.db import get_engine
     from core.sync.worker import run_worker
-
+    # run_worker checks the vault's key ring before it reads any credential.
     stats = run_worker(engine=get_engine(), concurrency=args.concurrency, once=args.once,
                        poll_seconds=args.poll)
     _out(f"sync worker: {stats}")
@@ -32,7 +32,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from core.clock import utcnow
     from core.db import get_engine
     from core.sync.scheduler import run_scheduler
+    from core.vault.service import require_keys_at_start
 
+    require_keys_at_start(get_engine(), process="crmbridge sync schedule")
     result = run_scheduler(get_engine(), now=utcnow(), sweep=not args.no_sweep)
     _out(f"sync schedule: {result}")
     return 0

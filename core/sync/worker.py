@@ -74,10 +74,15 @@ def run_worker(
         log.warning("sync worker: SQLite has one writer at a time; running with concurrency 1, not %d "
                     "(use PostgreSQL to scale out)", concurrency)
         concurrency = 1
+    base = name or worker_name()
+    # Before any credential is read: a worker on the wrong vault key would take every decrypt
+    # failure for tampering. Raises (exit non-zero from the CLI) and changes nothing.
+    from core.vault.service import require_keys_at_start
+
+    require_keys_at_start(engine, process=f"sync worker {base}", now=clock())
     sync_engine = sync_engine or SyncEngine(engine, clock=clock)
     stop = stop or threading.Event()
     stats = WorkerStats()
-    base = name or worker_name()
     if schedule:
         _schedule(engine, clock)
     last_schedule = time.monotonic()

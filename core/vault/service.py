@@ -639,6 +639,22 @@ def sweep(session: Session, *, now: datetime, principal: Principal | None = None
     return result
 
 
+def require_keys_at_start(engine: Engine | None = None, *, process: str, now: datetime | None = None) -> KeyRing:
+    """Every process that touches the vault calls this first: the key ring must hold every key that
+    wraps a tenant key, each with the check value the database holds for its id. On a mismatch it
+    raises (changing nothing), with the process named and the fix, so the process exits non-zero
+    before it reads a single credential.
+
+    Raises:
+        KeyMissing, ConfigurationError.
+    """
+    try:
+        with session_scope(engine) as s:
+            return check_keys(s, now=now)
+    except ConfigurationError as exc:
+        raise type(exc)(f"{process} refuses to start: {exc}") from None
+
+
 def sweep_on_start(engine: Engine | None = None, *, now: datetime | None = None) -> SweepResult:
     """Console start-up: refuse to run on missing or wrong keys, then sweep. Commits."""
     now = resolve_now(now)
