@@ -171,8 +171,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from sqlalchemy.exc import DBAPIError
+
+    from core.db import corrupt_database_message
+
     try:
         return int(args.func(args) or 0)
     except CrmBridgeError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 1
+    except DBAPIError as exc:
+        message = corrupt_database_message(exc, getattr(args, "url", None))
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
         return 1

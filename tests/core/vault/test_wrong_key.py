@@ -149,7 +149,8 @@ def test_a_ciphertext_of_the_wrong_type_is_flagged_unreadable_not_a_crash(engine
         why = "truncated (24 bytes"
     with engine.begin() as conn:
         conn.execute(text("UPDATE vault_credential SET ciphertext = :v WHERE id = :i"), {"v": value, "i": refs[0]})
-    with Session(engine) as s, pytest.raises(CredentialInvalid, match=f"vault:{refs[0]} is unreadable.*{re.escape(why)}"):
+    expected = f"vault:{refs[0]} is unreadable.*{re.escape(why)}"
+    with Session(engine) as s, pytest.raises(CredentialInvalid, match=expected):
         with service.use(s, refs[0], principal=SYSTEM, reason="x", now=utcnow()):
             pass
     with Session(engine) as s:  # kept (restorable from a backup), flagged, listed, audited
