@@ -6,8 +6,20 @@ has a head row holding its sequence number and last HMAC; an append locks the he
 on PostgreSQL; SQLite's write lock serialises writers), so concurrent writers cannot fork the chain.
 ``verify_chain`` detects an edited, inserted or deleted row — the newest included, because the head
 must match the last row.
-"""
 
+Shortening or erasing the log is detected too (issue 14):
+
+- each head carries ``mac = HMAC(head key, chain | seq | last HMAC)``, so a head rewritten to match
+  a truncated chain does not verify without the server secret;
+- one global seal row (``audit_seal``) chains the heads together: the number of chains, the number
+  of events in all, and the XOR of every head's MAC, itself MACed. Deleting a whole chain with its
+  head, wiping every head, or putting back an older (genuine) copy of one head no longer matches it.
+  Appends lock the seal first, then the head (no deadlock between writers); ``advance`` is the one
+  head update, taking the new (count, last HMAC), so a batch of appends updates it once;
+- a database restored wholesale to an earlier copy is consistent in itself: ``make_checkpoint``
+  prints one signed line (every chain's length and a digest of their heads) for the operator to
+  keep elsewhere, and ``verify_checkpoint`` reports any chain cut back, deleted or rewritten behind it.
+"""
 from __future__ import annotations
 
 import hashlib
