@@ -54,7 +54,9 @@ def cmd_digest(args: argparse.Namespace) -> int:
     from core.alerts.service import send_staff_digest
     from core.db import session_scope
     from core.tenants.access import Principal
+    from core.vault.service import require_keys_at_start
 
+    require_keys_at_start(process="crmbridge alerts digest")
     with session_scope() as s:
         digest = send_staff_digest(session=s, principal=Principal.system("cli"))
     _out(digest.title if digest else "digest: nothing new since the last one")
