@@ -14,8 +14,9 @@ Shortening or erasing the log is detected too (issue 14):
 - one global seal row (``audit_seal``) chains the heads together: the number of chains, the number
   of events in all, and the XOR of every head's MAC, itself MACed. Deleting a whole chain with its
   head, wiping every head, or putting back an older (genuine) copy of one head no longer matches it.
-  Appends lock the seal first, then the head (no deadlock between writers); ``advance`` is the one
-  head update, taking the new (count, last HMAC), so a batch of appends updates it once;
+  An append locks its head; the commit then folds every head it moved into the seal (locked only
+  for that instant, after the heads, the order every writer takes). ``advance`` is the one head
+  update, taking the new (count, last HMAC), so a batch of appends updates it once;
 - a database restored wholesale to an earlier copy is consistent in itself: ``make_checkpoint``
   prints one signed line (every chain's length and a digest of their heads) for the operator to
   keep elsewhere, and ``verify_checkpoint`` reports any chain cut back, deleted or rewritten behind it.
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import event, func
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col, select
 
 from core.clock import utcnow
@@ -142,39 +144,23 @@ def _is_pg(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def lock_head(session: Session, chain: str) -> tuple[AuditHead, AuditSeal | None]:
-    """Lock the global seal, then the chain's head (created at seq 0 if absent), in the caller's
-    transaction. The seal is always locked first, so two writers never deadlock on heads.
+_TOUCHED = "crmbridge.audit.touched"  # session.info: chain -> its head's state before this transaction
 
-    The seal is None only for a log written before head MACs existed and not sealed yet (see
+
+def _sealed(session: Session) -> bool:
+    """Whether appends are sealed: yes once the seal row exists, and for a new, empty log (its first
+    commit starts the seal). No only for a log from before head MACs, not sealed yet (see
     ``seal_legacy``): appends then go on as before, unsealed, and ``verify_chain`` says so."""
-    pg = _is_pg(session)
-    seal_q = select(AuditSeal).where(AuditSeal.id == 1).execution_options(populate_existing=True)
-    if pg:
-        seal_q = seal_q.with_for_update()
-    seal = session.exec(seal_q).first()
-    if seal is not None:
-        pass
-    elif session.exec(select(func.count()).select_from(AuditHead).where(AuditHead.seq > 0)).one():
-        # Heads but no seal: a log from before head MACs (left unsealed) — or another writer has
-        # just started the seal and committed since our first look (PostgreSQL): look once more.
-        seal = session.exec(seal_q).first()
-    else:
-        # A new, empty log: start the seal.
-        key = head_key()
-        values: dict[str, Any] = {"id": 1, "chains": 0, "events": 0, "digest": ZERO_DIGEST,
-                  "mac": seal_mac(key, 0, 0, ZERO_DIGEST)}
-        if pg:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
+    if session.exec(select(AuditSeal.id).where(AuditSeal.id == 1)).first() is not None:
+        return True
+    return not session.exec(select(func.count()).select_from(AuditHead).where(AuditHead.seq > 0)).one()
 
-            session.execute(pg_insert(AuditSeal).values(**values).on_conflict_do_nothing(index_elements=["id"]))
-            seal = session.exec(seal_q).first()
-        else:
-            seal = AuditSeal(**values)
-            session.add(seal)
-            session.flush()
+
+def lock_head(session: Session, chain: str) -> AuditHead:
+    """Lock the chain's head (created at seq 0 if absent) in the caller's transaction, and remember
+    its state so that the commit re-seals the global head once (see ``_seal_on_commit``)."""
     stmt = select(AuditHead).where(AuditHead.chain == chain)
-    if pg:
+    if _is_pg(session):
         # Two writers may create a chain's head at once: insert-if-absent, then lock the one row.
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -186,22 +172,70 @@ def lock_head(session: Session, chain: str) -> tuple[AuditHead, AuditSeal | None
         head = AuditHead(chain=chain, seq=0, last_hmac="")
         session.add(head)
         session.flush()
-    return head, seal
+    touched = session.info.setdefault(_TOUCHED, {})
+    if chain not in touched:
+        # decided once per transaction: its own first append makes a new log look non-empty
+        sealed = any(v != "legacy" for v in touched.values()) if touched else _sealed(session)
+        touched[chain] = old_state(head.seq, head.last_hmac, head.mac) if sealed else "legacy"
+    return head
 
 
-def advance_head(session: Session, head: AuditHead, seal: AuditSeal | None, count: int, last_hmac: str,
-                 *, key: bytes | None = None) -> None:
-    """Move a head locked by ``lock_head`` to (``count``, ``last_hmac``) and re-seal: once per
-    append, or once for a whole batch of appends to the chain."""
-    if seal is not None:
-        up = advance(key or head_key(), chain=head.chain, old=old_state(head.seq, head.last_hmac, head.mac),
-                     count=count, last_hmac=last_hmac, seal=(seal.chains, seal.events, seal.digest))
-        head.mac = up.head_mac
-        seal.chains, seal.events, seal.digest, seal.mac = up.chains, up.events, up.digest, up.seal_mac
-        session.add(seal)
+def advance_head(session: Session, head: AuditHead, count: int, last_hmac: str, *, key: bytes | None = None) -> None:
+    """Move a head locked by ``lock_head`` to (``count``, ``last_hmac``) with its new MAC: once per
+    append, or once for a whole batch of appends to the chain. The global seal follows at commit."""
+    if session.info.get(_TOUCHED, {}).get(head.chain) != "legacy":
+        head.mac = head_mac(key or head_key(), head.chain, count, last_hmac)
     head.seq = count
     head.last_hmac = last_hmac
     session.add(head)
+
+
+@event.listens_for(OrmSession, "before_commit")
+def _seal_on_commit(session: Session) -> None:
+    """Fold this transaction's head changes into the global seal, just before it commits: the seal
+    row is locked only for that instant (heads first, then the seal — the order every writer takes),
+    so writers of different tenants do not queue behind each other's whole transactions. Reads the
+    heads as they are now, so work rolled back to a savepoint is not counted."""
+    touched = session.info.pop(_TOUCHED, None)
+    if not touched:
+        return
+    key = head_key()
+    pg = _is_pg(session)
+    seal_q = select(AuditSeal).where(AuditSeal.id == 1).execution_options(populate_existing=True)
+    if pg:
+        seal_q = seal_q.with_for_update()
+    seal = session.exec(seal_q).first()
+    if seal is None and any(old != "legacy" for old in touched.values()):
+        values: dict[str, Any] = {"id": 1, "chains": 0, "events": 0, "digest": ZERO_DIGEST,
+                                  "mac": seal_mac(key, 0, 0, ZERO_DIGEST)}
+        if pg:  # two first writers may start it at once
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            session.execute(pg_insert(AuditSeal).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+            seal = session.exec(seal_q).first()
+        else:
+            seal = AuditSeal(**values)
+            session.add(seal)
+    if seal is None:
+        return
+    state = (seal.chains, seal.events, seal.digest)
+    for chain, old in touched.items():
+        if old == "legacy":
+            continue
+        head = session.get(AuditHead, chain)
+        if head is None or (head.mac is None and head.seq == 0) or old == (head.seq, head.last_hmac):
+            continue  # created and rolled back to a savepoint, or not moved
+        up = advance(key, chain=chain, old=old, count=head.seq, last_hmac=head.last_hmac, seal=state)
+        state = (up.chains, up.events, up.digest)
+    seal.chains, seal.events, seal.digest = state
+    seal.mac = seal_mac(key, *state)
+    session.add(seal)
+
+
+@event.listens_for(OrmSession, "after_transaction_end")
+def _forget_touched(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the outermost transaction ended (committed or rolled back)
+        session.info.pop(_TOUCHED, None)
 
 
 def record_event(
@@ -225,7 +259,7 @@ def record_event(
     actor = principal.email if isinstance(principal, Principal) else str(principal)
     role = principal.role if isinstance(principal, Principal) else "app_user"
     chain = chain_name(tenant_id)
-    head, seal = lock_head(session, chain)
+    head = lock_head(session, chain)
     ev = AuditEvent(
         chain=chain,
         seq=head.seq + 1,
@@ -241,7 +275,7 @@ def record_event(
         hmac="",
     )
     ev.hmac = compute_hmac(ev, head.last_hmac, key or audit_key())
-    advance_head(session, head, seal, ev.seq, ev.hmac)
+    advance_head(session, head, ev.seq, ev.hmac)
     session.add(ev)
     session.flush()
     return ev

@@ -152,8 +152,8 @@ class HotPath:
 
         self.select = conv(_SELECT)
         self.update = conv(_UPDATE)
-        self.seal = conv(_SEAL) + ("" if self.sqlite else " FOR UPDATE")  # the seal first, as record_event
         self.head = conv(_HEAD) + ("" if self.sqlite else " FOR UPDATE")
+        self.seal = conv(_SEAL) + ("" if self.sqlite else " FOR UPDATE")  # after the head, as every writer
         self.insert_event = conv(_INSERT_EVENT)
         self.update_head = conv(_UPDATE_HEAD)
         self.insert_head = conv(_INSERT_HEAD)
@@ -249,8 +249,8 @@ class HotPath:
         settings = get_settings()
         if settings is not self._settings:  # audit_key() re-decodes the server secret on every call
             self._audit_key, self._head_key, self._settings = audit_key(), head_key(), settings
-        seal = conn.execute(self.seal).fetchone()
         head = conn.execute(self.head, (chain,)).fetchone()
+        seal = conn.execute(self.seal).fetchone()  # after the head: the order every writer takes
         prev = head[1] if head else ""
         ev = SimpleNamespace(
             chain=chain, seq=(head[0] if head else 0) + 1, occurred_at=now, tenant_id=tenant_id,
