@@ -4,7 +4,7 @@ use_ratio    = median ``use()`` time / median time of the same work written by h
                through the same driver (sqlite3) in the same run: select the credential with its tenant
                key, refuse it if expired, idle, not active or another tenant's, unwrap the key, AES-GCM
                decrypt, update last use, append the same audit row with the same HMAC, update the
-               head with its MAC and the global seal, commit.
+               head with its MAC, commit.
                Target <= 1.3. Each side works on its own copy of the same database file (so neither
                connection's page cache is flushed by the other's writes) and calls alternate one by
                one, so load from other processes hits both alike. Wall-clock medians give the ratio;
@@ -133,7 +133,6 @@ class HandWritten:
         plaintext = AESGCM(dek).decrypt(blob[1:13], blob[13:], aad)
         c.execute("UPDATE vault_credential SET last_used_at = ?, use_count = use_count + 1 WHERE id = ?", (at, cid))
         chain = f"t{tenant_id}"
-        chains, events, digest = c.execute("SELECT chains, events, digest FROM audit_seal WHERE id = 1").fetchone()
         seq, prev = c.execute("SELECT seq, last_hmac FROM audit_head WHERE chain = ?", (chain,)).fetchone()
         details = json.dumps({"purpose": purpose, "reason": REASON}, sort_keys=True)
         content = json.dumps({
@@ -145,13 +144,8 @@ class HandWritten:
                   " details, via, prev_hmac, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   (chain, seq + 1, at, tenant_id, SYSTEM.email, SYSTEM.role, "vault.credential.use",
                    f"credential:{cid}", details, None, prev, mac))
-        # the head's MAC and the global seal (XOR of every head's MAC), as core.tenants.audit.advance
-        old_mac = hmac.new(self.head_key, f"head|{chain}|{seq}|{prev}".encode(), hashlib.sha256).hexdigest()
+        # the head's MAC, as core.tenants.audit.head_mac
         head_mac = hmac.new(self.head_key, f"head|{chain}|{seq + 1}|{mac}".encode(), hashlib.sha256).hexdigest()
-        digest = f"{int(digest, 16) ^ int(old_mac, 16) ^ int(head_mac, 16):064x}"
-        seal = hmac.new(self.head_key, f"seal|{chains}|{events + 1}|{digest}".encode(), hashlib.sha256).hexdigest()
-        c.execute("UPDATE audit_seal SET chains = ?, events = ?, digest = ?, mac = ? WHERE id = 1",
-                  (chains, events + 1, digest, seal))
         c.execute("UPDATE audit_head SET seq = ?, last_hmac = ?, mac = ? WHERE chain = ?",
                   (seq + 1, mac, head_mac, chain))
         c.execute("COMMIT")

@@ -11,15 +11,15 @@ Shortening or erasing the log is detected too (issue 14):
 
 - each head carries ``mac = HMAC(head key, chain | seq | last HMAC)``, so a head rewritten to match
   a truncated chain does not verify without the server secret;
-- one global seal row (``audit_seal``) chains the heads together: the number of chains, the number
-  of events in all, and the XOR of every head's MAC, itself MACed. Deleting a whole chain with its
-  head, wiping every head, or putting back an older (genuine) copy of one head no longer matches it.
-  An append locks its head; the commit then folds every head it moved into the seal (locked only
-  for that instant, after the heads, the order every writer takes). ``advance`` is the one head
+- one global seal row (``audit_seal``) holds how many chains exist and a digest of their names,
+  itself MACed, and changes only when a chain is created (once per tenant), so appends of
+  different tenants never queue on it. Deleting a whole chain with its head, or wiping every head,
+  no longer matches it. An append locks its chain's head only; ``advance_head`` is the one head
   update, taking the new (count, last HMAC), so a batch of appends updates it once;
-- a database restored wholesale to an earlier copy is consistent in itself: ``make_checkpoint``
-  prints one signed line (every chain's length and a digest of their heads) for the operator to
-  keep elsewhere, and ``verify_checkpoint`` reports any chain cut back, deleted or rewritten behind it.
+- what the database alone cannot show — a database (or one head with its rows) put back to an
+  earlier genuine copy — a checkpoint does: ``make_checkpoint`` prints one signed line (every
+  chain's length and a digest of their heads) for the operator to keep elsewhere, and
+  ``verify_checkpoint`` reports any chain cut back, deleted or rewritten behind it.
 """
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, func
-from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from core.clock import utcnow
@@ -91,123 +90,57 @@ ZERO_DIGEST = "0" * 64
 
 
 def head_mac(key: bytes, chain: str, seq: int, last_hmac: str) -> str:
-    """The MAC of one chain head: its chain (the tenant), row count and last row's HMAC."""
+    """THE head update's MAC: a chain head (its chain — the tenant —, row count and last row's
+    HMAC). A batch of appends computes it once, for its final (count, last HMAC)."""
     return hmac_mod.new(key, f"head|{chain}|{seq}|{last_hmac}".encode(), hashlib.sha256).hexdigest()
 
 
-def seal_mac(key: bytes, chains: int, events: int, digest: str) -> str:
-    return hmac_mod.new(key, f"seal|{chains}|{events}|{digest}".encode(), hashlib.sha256).hexdigest()
+def chain_term(key: bytes, chain: str) -> str:
+    """One chain's share of the global seal's digest (the XOR over every chain that exists)."""
+    return hmac_mod.new(key, f"chain|{chain}".encode(), hashlib.sha256).hexdigest()
+
+
+def seal_mac(key: bytes, chains: int, digest: str) -> str:
+    return hmac_mod.new(key, f"seal|{chains}|{digest}".encode(), hashlib.sha256).hexdigest()
 
 
 def _xor(a: str, b: str) -> str:
     return f"{int(a or ZERO_DIGEST, 16) ^ int(b or ZERO_DIGEST, 16):064x}"
 
 
-@dataclass(frozen=True)
-class HeadUpdate:
-    """What one head advance writes: the head's new MAC and the new global seal."""
-
-    head_mac: str
-    chains: int
-    events: int
-    digest: str
-    seal_mac: str
-
-
-def advance(
-    key: bytes, *, chain: str, old: tuple[int, str] | None, count: int, last_hmac: str,
-    seal: tuple[int, int, str],
-) -> HeadUpdate:
-    """THE head update, as a pure function: chain ``chain`` moves from ``old`` (seq, last HMAC; None
-    for a chain not sealed yet) to (``count``, ``last_hmac``), and the global seal (chains, events,
-    XOR of every head MAC) moves with it. One append or a batch of appends calls it once.
-    ``record_event`` (ORM) and ``core.vault.hotpath`` (DB-API) both write exactly what it returns."""
-    chains, events, digest = seal
-    new_mac = head_mac(key, chain, count, last_hmac)
-    if old is None:
-        chains += 1
-        old_seq = 0
-    else:
-        old_seq = old[0]
-        digest = _xor(digest, head_mac(key, chain, old[0], old[1]))
-    digest = _xor(digest, new_mac)
-    events += count - old_seq
-    return HeadUpdate(new_mac, chains, events, digest, seal_mac(key, chains, events, digest))
-
-
-def old_state(seq: int, last_hmac: str, mac: str | None) -> tuple[int, str] | None:
-    """A head's state for ``advance``: None while it is not part of the seal yet (created, no MAC)."""
-    return None if mac is None and seq == 0 else (seq, last_hmac)
+def add_chain(key: bytes, chains: int, digest: str, chain: str) -> tuple[int, str, str]:
+    """The global seal after ``chain`` is created: (chains, digest, mac)."""
+    digest = _xor(digest, chain_term(key, chain))
+    return chains + 1, digest, seal_mac(key, chains + 1, digest)
 
 
 def _is_pg(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-_TOUCHED = "crmbridge.audit.touched"  # session.info: chain -> its head's state before this transaction
-
-
-def _sealed(session: Session) -> bool:
-    """Whether appends are sealed: yes once the seal row exists, and for a new, empty log (its first
-    commit starts the seal). No only for a log from before head MACs, not sealed yet (see
-    ``seal_legacy``): appends then go on as before, unsealed, and ``verify_chain`` says so."""
-    if session.exec(select(AuditSeal.id).where(AuditSeal.id == 1)).first() is not None:
-        return True
-    return not session.exec(select(func.count()).select_from(AuditHead).where(AuditHead.seq > 0)).one()
-
-
 def lock_head(session: Session, chain: str) -> AuditHead:
-    """Lock the chain's head (created at seq 0 if absent) in the caller's transaction, and remember
-    its state so that the commit re-seals the global head once (see ``_seal_on_commit``)."""
-    stmt = select(AuditHead).where(AuditHead.chain == chain)
-    if _is_pg(session):
-        # Two writers may create a chain's head at once: insert-if-absent, then lock the one row.
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+    """Lock the chain's head in the caller's transaction. A chain's first append creates its head
+    and adds the chain to the global seal (the seal is locked first, then, only for that rare
+    moment — once per tenant; the appends that follow lock their head only, so writers of
+    different tenants never queue behind one another).
 
-        session.execute(pg_insert(AuditHead).values(chain=chain, seq=0, last_hmac="")
-                        .on_conflict_do_nothing(index_elements=["chain"]))
+    A log from before head MACs, not sealed yet (no seal row, heads without MAC), goes on as before,
+    unsealed: ``verify_chain`` says so and ``seal_legacy`` seals it on the operator's word."""
+    pg = _is_pg(session)
+    stmt = select(AuditHead).where(AuditHead.chain == chain)
+    if pg:
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
     head = session.exec(stmt).first()
-    if head is None:
-        head = AuditHead(chain=chain, seq=0, last_hmac="")
-        session.add(head)
-        session.flush()
-    touched = session.info.setdefault(_TOUCHED, {})
-    if chain not in touched:
-        # decided once per transaction: its own first append makes a new log look non-empty
-        sealed = any(v != "legacy" for v in touched.values()) if touched else _sealed(session)
-        touched[chain] = old_state(head.seq, head.last_hmac, head.mac) if sealed else "legacy"
-    return head
-
-
-def advance_head(session: Session, head: AuditHead, count: int, last_hmac: str, *, key: bytes | None = None) -> None:
-    """Move a head locked by ``lock_head`` to (``count``, ``last_hmac``) with its new MAC: once per
-    append, or once for a whole batch of appends to the chain. The global seal follows at commit."""
-    if session.info.get(_TOUCHED, {}).get(head.chain) != "legacy":
-        head.mac = head_mac(key or head_key(), head.chain, count, last_hmac)
-    head.seq = count
-    head.last_hmac = last_hmac
-    session.add(head)
-
-
-@event.listens_for(OrmSession, "before_commit")
-def _seal_on_commit(session: Session) -> None:
-    """Fold this transaction's head changes into the global seal, just before it commits: the seal
-    row is locked only for that instant (heads first, then the seal — the order every writer takes),
-    so writers of different tenants do not queue behind each other's whole transactions. Reads the
-    heads as they are now, so work rolled back to a savepoint is not counted."""
-    touched = session.info.pop(_TOUCHED, None)
-    if not touched:
-        return
-    key = head_key()
-    pg = _is_pg(session)
+    if head is not None:
+        return head
     seal_q = select(AuditSeal).where(AuditSeal.id == 1).execution_options(populate_existing=True)
     if pg:
         seal_q = seal_q.with_for_update()
     seal = session.exec(seal_q).first()
-    if seal is None and any(old != "legacy" for old in touched.values()):
-        values: dict[str, Any] = {"id": 1, "chains": 0, "events": 0, "digest": ZERO_DIGEST,
-                                  "mac": seal_mac(key, 0, 0, ZERO_DIGEST)}
+    key = head_key()
+    if seal is None and not session.exec(select(func.count()).select_from(AuditHead)
+                                         .where(col(AuditHead.mac).is_(None), AuditHead.seq > 0)).one():
+        values: dict[str, Any] = {"id": 1, "chains": 0, "digest": ZERO_DIGEST, "mac": seal_mac(key, 0, ZERO_DIGEST)}
         if pg:  # two first writers may start it at once
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -216,26 +149,35 @@ def _seal_on_commit(session: Session) -> None:
         else:
             seal = AuditSeal(**values)
             session.add(seal)
-    if seal is None:
-        return
-    state = (seal.chains, seal.events, seal.digest)
-    for chain, old in touched.items():
-        if old == "legacy":
-            continue
-        head = session.get(AuditHead, chain)
-        if head is None or (head.mac is None and head.seq == 0) or old == (head.seq, head.last_hmac):
-            continue  # created and rolled back to a savepoint, or not moved
-        up = advance(key, chain=chain, old=old, count=head.seq, last_hmac=head.last_hmac, seal=state)
-        state = (up.chains, up.events, up.digest)
-    seal.chains, seal.events, seal.digest = state
-    seal.mac = seal_mac(key, *state)
-    session.add(seal)
+    created = True
+    if pg:
+        # Two writers may create a chain's head at once: insert-if-absent, then lock the one row.
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        created = session.execute(pg_insert(AuditHead).values(chain=chain, seq=0, last_hmac="")
+                                  .on_conflict_do_nothing(index_elements=["chain"])
+                                  .returning(col(AuditHead.chain))).first() is not None
+        head = session.exec(stmt).one()
+    else:
+        head = AuditHead(chain=chain, seq=0, last_hmac="")
+        session.add(head)
+    if created and seal is not None:
+        seal.chains, seal.digest, seal.mac = add_chain(key, seal.chains, seal.digest, chain)
+        head.mac = head_mac(key, chain, 0, "")
+        session.add(seal)
+        session.add(head)
+    session.flush()
+    return head
 
 
-@event.listens_for(OrmSession, "after_transaction_end")
-def _forget_touched(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:  # the outermost transaction ended (committed or rolled back)
-        session.info.pop(_TOUCHED, None)
+def advance_head(session: Session, head: AuditHead, count: int, last_hmac: str, *, key: bytes | None = None) -> None:
+    """Move a head locked by ``lock_head`` to (``count``, ``last_hmac``) with its new MAC: once per
+    append, or once for a whole batch of appends to the chain."""
+    if head.mac is not None:  # else a head from before head MACs, in a log not sealed yet
+        head.mac = head_mac(key or head_key(), head.chain, count, last_hmac)
+    head.seq = count
+    head.last_hmac = last_hmac
+    session.add(head)
 
 
 def record_event(
@@ -297,10 +239,9 @@ class ChainProblem:
 
 
 @dataclass(frozen=True)
-class SealState:
-    """The global head as the chain heads say it is (recomputed, never read from the seal row)."""
+class HeadsState:
+    """Every chain head as it stands, for a checkpoint: lengths, and the XOR of their MACs."""
 
-    chains: int
     events: int
     digest: str
     heads: dict[str, tuple[int, str]]
@@ -310,12 +251,13 @@ def _heads(session: Session) -> dict[str, AuditHead]:
     return {h.chain: h for h in session.exec(select(AuditHead).execution_options(populate_existing=True))}
 
 
-def current_state(heads: dict[str, AuditHead], key: bytes) -> SealState:
+def current_state(heads: dict[str, AuditHead], key: bytes) -> HeadsState:
     digest = ZERO_DIGEST
     for h in heads.values():
-        digest = _xor(digest, head_mac(key, h.chain, h.seq, h.last_hmac))
-    return SealState(len(heads), sum(h.seq for h in heads.values()), digest,
-                     {h.chain: (h.seq, h.last_hmac) for h in heads.values()})
+        if h.seq > 0:
+            digest = _xor(digest, head_mac(key, h.chain, h.seq, h.last_hmac))
+    return HeadsState(sum(h.seq for h in heads.values()), digest,
+                      {h.chain: (h.seq, h.last_hmac) for h in heads.values()})
 
 
 def verify_chain(session: Session, *, key: bytes | None = None, hkey: bytes | None = None) -> list[ChainProblem]:
@@ -372,7 +314,6 @@ def verify_chain(session: Session, *, key: bytes | None = None, hkey: bytes | No
 
 def _check_seal(session: Session, heads: dict[str, AuditHead], hkey: bytes) -> list[ChainProblem]:
     seal = session.exec(select(AuditSeal).where(AuditSeal.id == 1).execution_options(populate_existing=True)).first()
-    state = current_state(heads, hkey)
     unsealed = sorted(c for c, h in heads.items() if h.mac is None and h.seq > 0)
     if seal is None:
         if any(h.mac is not None for h in heads.values()):
@@ -388,26 +329,25 @@ def _check_seal(session: Session, heads: dict[str, AuditHead], hkey: bytes) -> l
                                  f"database holds {tenants} tenant(s): the audit log was wiped")]
         return []
     out: list[ChainProblem] = []
-    if not hmac_mod.compare_digest(seal.mac, seal_mac(hkey, seal.chains, seal.events, seal.digest)):
+    if not hmac_mod.compare_digest(seal.mac, seal_mac(hkey, seal.chains, seal.digest)):
         out.append(ChainProblem("*", None, None, "the global audit seal was rewritten without the server secret "
                                 "(its MAC does not match)"))
     for chain in unsealed:
         out.append(ChainProblem(chain, None, heads[chain].seq, "head row has no MAC in a sealed log: "
                                 "it was replaced"))
-    if state.chains < seal.chains:
-        out.append(ChainProblem("*", None, None, f"{seal.chains - state.chains} whole chain(s) are missing: the "
-                                f"global seal records {seal.chains} chains, {state.chains} remain (a tenant's "
+    digest = ZERO_DIGEST
+    for chain in heads:
+        digest = _xor(digest, chain_term(hkey, chain))
+    if len(heads) < seal.chains:
+        out.append(ChainProblem("*", None, None, f"{seal.chains - len(heads)} whole chain(s) are missing: the "
+                                f"global seal records {seal.chains} chains, {len(heads)} remain (a tenant's "
                                 "audit rows were deleted with their head)"))
-    elif state.chains > seal.chains:
-        out.append(ChainProblem("*", None, None, f"{state.chains - seal.chains} chain head(s) were added outside "
+    elif len(heads) > seal.chains:
+        out.append(ChainProblem("*", None, None, f"{len(heads) - seal.chains} chain head(s) were added outside "
                                 "the log (the global seal does not know them)"))
-    if state.events != seal.events:
-        out.append(ChainProblem("*", None, None, f"the chain heads account for {state.events} event(s) but the "
-                                f"global seal records {seal.events}: rows were deleted and heads rewritten or "
-                                "rolled back"))
-    if not out and state.digest != seal.digest:
-        out.append(ChainProblem("*", None, None, "a chain head does not match the global seal: a head was "
-                                "replaced by another (an older copy, rolled back)"))
+    elif digest != seal.digest:
+        out.append(ChainProblem("*", None, None, "the set of chains does not match the global seal: a chain was "
+                                "deleted and another head put in its place"))
     return out
 
 
@@ -418,12 +358,12 @@ def seal_legacy(session: Session, *, hkey: bytes | None = None) -> int:
     if session.get(AuditSeal, 1) is not None:
         raise InvalidInput("The audit log is already sealed: nothing to do.")
     heads = _heads(session)
+    digest = ZERO_DIGEST
     for h in heads.values():
         h.mac = head_mac(hkey, h.chain, h.seq, h.last_hmac)
+        digest = _xor(digest, chain_term(hkey, h.chain))
         session.add(h)
-    state = current_state(heads, hkey)
-    session.add(AuditSeal(id=1, chains=state.chains, events=state.events, digest=state.digest,
-                          mac=seal_mac(hkey, state.chains, state.events, state.digest)))
+    session.add(AuditSeal(id=1, chains=len(heads), digest=digest, mac=seal_mac(hkey, len(heads), digest)))
     session.flush()
     return len(heads)
 

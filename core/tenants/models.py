@@ -201,14 +201,14 @@ class AuditHead(SQLModel, table=True):
 
 
 class AuditSeal(SQLModel, table=True):
-    """The global head: one row (id 1) chaining every chain head together — how many chains, how
-    many events in all, and the XOR of every head's MAC — sealed with the server secret. Deleting
-    a whole chain with its head, or wiping every head, no longer matches it. See core.tenants.audit."""
+    """The global head: one row (id 1) over every chain head — how many chains there are and a
+    digest of their names — sealed with the server secret, and updated once per chain (when it is
+    created). Deleting a whole chain with its head, or wiping every head, no longer matches it.
+    See core.tenants.audit."""
 
     __tablename__ = "audit_seal"
 
     id: int = Field(default=1, primary_key=True)
     chains: int = Field(default=0)
-    events: int = Field(default=0)
     digest: str = Field(default="", max_length=64)
     mac: str = Field(default="", max_length=64)

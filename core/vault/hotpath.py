@@ -3,7 +3,7 @@
 ``use()`` runs before every call to a CRM, so its cost is on every sync. It reads the credential with
 its tenant key and policy in one statement, records the last use, and appends the access event to the
 tenant's audit chain (the same row and HMAC ``core.tenants.audit.record_event`` would write, computed
-by that module's own ``compute_hmac``; the same head MAC and global seal, from its ``advance``),
+by that module's own ``compute_hmac``, and the same head MAC, from its ``head_mac``),
 then commits — all in one short transaction of its own on a DB-API connection of the engine.
 Through an ORM session the same work cost 3 to 15 times as much (session begin and commit alone
 cost more than the SQL); bench/vault.py holds this path to 1.3×
@@ -32,7 +32,7 @@ from sqlalchemy.pool import StaticPool
 from core.errors import ConfigurationError, CredentialInvalid
 from core.settings import Settings, get_settings
 from core.tenants.access import Principal, can_access_tenant
-from core.tenants.audit import advance, audit_key, chain_name, compute_hmac, head_key, old_state
+from core.tenants.audit import add_chain, audit_key, chain_name, compute_hmac, head_key, head_mac
 from core.tenants.models import AuditEvent
 from core.vault import keys
 from core.vault.crypto import credential_aad, malformed, open_sealed, unwrap_dek
@@ -51,7 +51,7 @@ _SELECT = (
     " LEFT JOIN vault_policy p ON p.tenant_id = c.tenant_id WHERE c.id = ?"
 )
 _UPDATE = "UPDATE vault_credential SET last_used_at = ?, use_count = use_count + 1 WHERE id = ?"
-_SEAL = "SELECT chains, events, digest FROM audit_seal WHERE id = 1"
+_SEAL = "SELECT chains, digest FROM audit_seal WHERE id = 1"
 _HEAD = "SELECT seq, last_hmac, mac FROM audit_head WHERE chain = ?"
 _INSERT_EVENT = (
     "INSERT INTO audit_event (chain, seq, occurred_at, tenant_id, actor, actor_role, action, target, details, via,"
@@ -59,7 +59,7 @@ _INSERT_EVENT = (
 )
 _UPDATE_HEAD = "UPDATE audit_head SET seq = ?, last_hmac = ?, mac = ? WHERE chain = ?"
 _INSERT_HEAD = "INSERT INTO audit_head (chain, seq, last_hmac, mac) VALUES (?, ?, ?, ?)"
-_UPDATE_SEAL = "UPDATE audit_seal SET chains = ?, events = ?, digest = ?, mac = ? WHERE id = 1"
+_UPDATE_SEAL = "UPDATE audit_seal SET chains = ?, digest = ?, mac = ? WHERE id = 1"
 
 
 def _from_db(value: Any) -> datetime | None:
@@ -153,7 +153,7 @@ class HotPath:
         self.select = conv(_SELECT)
         self.update = conv(_UPDATE)
         self.head = conv(_HEAD) + ("" if self.sqlite else " FOR UPDATE")
-        self.seal = conv(_SEAL) + ("" if self.sqlite else " FOR UPDATE")  # after the head, as every writer
+        self.seal = conv(_SEAL) + ("" if self.sqlite else " FOR UPDATE")
         self.insert_event = conv(_INSERT_EVENT)
         self.update_head = conv(_UPDATE_HEAD)
         self.insert_head = conv(_INSERT_HEAD)
@@ -250,7 +250,6 @@ class HotPath:
         if settings is not self._settings:  # audit_key() re-decodes the server secret on every call
             self._audit_key, self._head_key, self._settings = audit_key(), head_key(), settings
         head = conn.execute(self.head, (chain,)).fetchone()
-        seal = conn.execute(self.seal).fetchone()  # after the head: the order every writer takes
         prev = head[1] if head else ""
         ev = SimpleNamespace(
             chain=chain, seq=(head[0] if head else 0) + 1, occurred_at=now, tenant_id=tenant_id,
@@ -262,16 +261,17 @@ class HotPath:
         conn.execute(self.insert_event, (
             chain, ev.seq, at, tenant_id, ev.actor, ev.actor_role, USE_ACTION, ev.target, ev.details, None, prev, mac,
         ))
-        head_mac = None
-        if seal is not None:  # else a log from before head MACs, not sealed yet: record_event does the same
-            up = advance(self._head_key, chain=chain, old=old_state(head[0], head[1], head[2]) if head else None,
-                         count=ev.seq, last_hmac=mac, seal=(seal[0], seal[1], seal[2]))
-            head_mac = up.head_mac
-            conn.execute(self.update_seal, (up.chains, up.events, up.digest, up.seal_mac))
-        if head:
-            conn.execute(self.update_head, (ev.seq, mac, head_mac, chain))
-        else:
-            conn.execute(self.insert_head, (chain, ev.seq, mac, head_mac))
+        if head:  # the head's MAC as advance_head computes it (none for a head from before head MACs)
+            conn.execute(self.update_head, (ev.seq, mac, head_mac(self._head_key, chain, ev.seq, mac)
+                                            if head[2] is not None else None, chain))
+        else:  # rare (store() opens the tenant's chain first): a new chain joins the global seal
+            seal = conn.execute(self.seal).fetchone()
+            new_mac = None
+            if seal is not None:
+                chains, digest, seal_mac = add_chain(self._head_key, seal[0], seal[1], chain)
+                conn.execute(self.update_seal, (chains, digest, seal_mac))
+                new_mac = head_mac(self._head_key, chain, ev.seq, mac)
+            conn.execute(self.insert_head, (chain, ev.seq, mac, new_mac))
 
 
 KEEP_IDLE = 8

@@ -1,5 +1,6 @@
 """Seal the audit log's heads: a MAC on each chain head (chain, row count, last HMAC) and a global
-seal row chaining every head together, both keyed from the server secret.
+seal row over the set of chains (how many, and a digest of their names), both keyed from the
+server secret.
 
 Existing heads are sealed here when the server secret is at hand (``CRMBRIDGE_SECRET_KEY``, or in
 demo mode the secret file). Without it the migration cannot compute a MAC, so it seals nothing: the
@@ -9,7 +10,7 @@ chain verifies. Nothing is ever sealed silently by a later append: that would le
 strips the MACs have a truncated log sealed for them.
 
 Self-contained: the key derivation below mirrors core.settings.Settings.server_secret and
-core.tenants.audit.head_key / head_mac / seal_mac (label strings included); do not change one
+core.tenants.audit.head_key / head_mac / chain_term / seal_mac (label strings included); do not change one
 without the other.
 
 Revision ID: b7c3e1f0a9d2
@@ -37,7 +38,7 @@ depends_on: Union[str, Sequence[str], None] = None
 _heads = sa.table('audit_head', sa.column('chain', sa.String), sa.column('seq', sa.Integer),
                   sa.column('last_hmac', sa.String), sa.column('mac', sa.String))
 _seal = sa.table('audit_seal', sa.column('id', sa.Integer), sa.column('chains', sa.Integer),
-                 sa.column('events', sa.Integer), sa.column('digest', sa.String), sa.column('mac', sa.String))
+                 sa.column('digest', sa.String), sa.column('mac', sa.String))
 
 
 def _server_secret() -> bytes | None:
@@ -67,7 +68,6 @@ def upgrade() -> None:
     op.create_table('audit_seal',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('chains', sa.Integer(), nullable=False),
-    sa.Column('events', sa.Integer(), nullable=False),
     sa.Column('digest', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('mac', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.PrimaryKeyConstraint('id')
@@ -86,13 +86,11 @@ def upgrade() -> None:
     key = hmac.new(secret, b'crmbridge/audit-head/v1', hashlib.sha256).digest()
     digest = 0
     for chain, seq, last in heads:
-        mac = _mac(key, f'head|{chain}|{seq}|{last}')
-        digest ^= int(mac, 16)
-        bind.execute(_heads.update().where(_heads.c.chain == chain).values(mac=mac))
+        digest ^= int(_mac(key, f'chain|{chain}'), 16)
+        bind.execute(_heads.update().where(_heads.c.chain == chain).values(mac=_mac(key, f'head|{chain}|{seq}|{last}')))
     hexdigest = f'{digest:064x}'
-    events = sum(seq for _c, seq, _l in heads)
-    bind.execute(_seal.insert().values(id=1, chains=len(heads), events=events, digest=hexdigest,
-                                       mac=_mac(key, f'seal|{len(heads)}|{events}|{hexdigest}')))
+    bind.execute(_seal.insert().values(id=1, chains=len(heads), digest=hexdigest,
+                                       mac=_mac(key, f'seal|{len(heads)}|{hexdigest}')))
 
 
 def downgrade() -> None:
