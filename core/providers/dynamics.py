@@ -889,9 +889,10 @@ class Dynamics365Provider(ProviderBase):
             groups.setdefault(item[1].act_as_crm_user_id, []).append(item)
         out: dict[int, PushResult] = {}
         for actor, group in groups.items():
-            before = self._calls
+            before, refused = self._calls, self.fallback_calls.get("upsertmultiple_unsupported", 0)
             res = self._upsert_multiple(group, actor, callers, path=PATH_PER_ACTOR)
-            self._count_fallback("batch_impersonation_ignored", self._calls - before)
+            refused = self.fallback_calls.get("upsertmultiple_unsupported", 0) - refused
+            self._count_fallback("batch_impersonation_ignored", self._calls - before - refused)
             for i, r in res.items():
                 if r.ok and created is not None and ids is not None:
                     r = PushResult(r.idempotency_key, True, crm_id=r.crm_id or ids.get(i),

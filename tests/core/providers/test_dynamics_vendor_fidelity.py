@@ -159,3 +159,21 @@ def test_sandbox_reads_a_batch_written_with_bare_lf(sandbox: Any) -> None:
     assert r.status_code == 200
     assert r.text.count("HTTP/1.1 200 OK") == 1 and r.text.count("HTTP/1.1 204 No Content") == 1
     assert by_key(sandbox)["lf-1"]["name"] == "written with LF"
+
+
+def test_both_fallbacks_together_keep_attribution(sandbox: Any) -> None:
+    """No UpsertMultiple and ignored per-part impersonation: each actor's records go as a $batch with the
+    caller header on the $batch request itself, which Dataverse applies to every part."""
+    behaviour(sandbox, unsupported_messages=["UpsertMultiple"], batch_part_impersonation="ignored")
+    p = provider(sandbox)
+    results = p.push_opportunities(changes(2, "olga", actor=OLGA) + changes(2, "ben", actor=BEN))
+    assert all(r.ok for r in results), results[0].error
+    rows = by_key(sandbox)
+    assert (rows["ben-00001"]["_modifiedby_value"], rows["ben-00001"]["_modifiedonbehalfby_value"]) == (
+        BEN, APP_USER)
+    # lookup + mixed $batch + (refused UpsertMultiple + $batch) for Olga + $batch for Ben
+    assert p.calls_made == 5
+    assert p.fallback_calls == {"batch_impersonation_ignored": 2, "upsertmultiple_unsupported": 1}
+    later = p.push_opportunities(changes(1, "olga3", actor=OLGA) + changes(1, "ben3", actor=BEN))
+    assert all(r.ok for r in later) and p.calls_made == 7
+    assert by_key(sandbox)["ben3-00000"]["_createdby_value"] == BEN
