@@ -14,10 +14,15 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .PHONY: run test lint bench venv clean sandbox lock lock-check
 
-# uv itself is pinned and kept in its own small venv, so the project's venv holds exactly the lock.
+# uv itself is pinned and kept apart in .tools/, so the project's venv holds exactly the lock. pip --target
+# takes about 2 s; a Python without pip (Debian's without python3-pip) gets a small venv instead (about 9 s).
 $(UV):
-	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/python -m pip install -q "uv==$(UV_VERSION)"
+	if $(PYTHON) -m pip --version >/dev/null 2>&1; then \
+	  $(PYTHON) -m pip install -q --target $(TOOLS) "uv==$(UV_VERSION)"; \
+	else \
+	  $(PYTHON) -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/python -m pip install -q --target $(TOOLS) "uv==$(UV_VERSION)"; \
+	fi
+	test -x $(UV)
 
 # --frozen installs exactly what uv.lock says (with its hashes) and never resolves.
 $(STAMP): pyproject.toml uv.lock | $(UV)
