@@ -48,6 +48,7 @@ def saml_idp() -> SamlIdp:
 def idp(saml_idp: SamlIdp) -> SamlIdp:
     saml_idp.sps.clear()
     saml_idp.pending.clear()
+    saml_idp.offset_timestamps = False
     return saml_idp
 
 
