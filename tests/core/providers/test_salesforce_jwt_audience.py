@@ -52,7 +52,8 @@ def test_sandbox_accepts_only_the_login_host_of_the_org_type(sandbox: Any, key: 
     assert grant("https://login.salesforce.com").status_code == 200
     for wrong in ("https://test.salesforce.com", sandbox.base_url, "https://acme.my.salesforce.com"):
         r = grant(wrong)
-        assert r.status_code == 400 and r.json() == {"error": "invalid_grant", "error_description": "audience is invalid"}
+        assert r.status_code == 400
+        assert r.json() == {"error": "invalid_grant", "error_description": "audience is invalid"}
     sandbox.http.post(f"/_sandbox/salesforce/{ORG}/org-type", json={"org_type": "sandbox"}).raise_for_status()
     assert grant("https://test.salesforce.com").status_code == 200
     assert grant("https://login.salesforce.com").json()["error_description"] == "audience is invalid"
