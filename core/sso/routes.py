@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from core.db import session_scope
 from core.errors import CrmBridgeError, NotFound, SessionInvalid
+from core.http_guard import SAML_AUTOSUBMIT_SCRIPT
 from core.settings import get_settings
 from core.sso import service
 from core.sso.sp import MAX_RESPONSE_B64, AuthnStart
@@ -49,7 +50,7 @@ def _send_to_idp(start: AuthnStart) -> Response:
     inputs = "".join(f"<input type=hidden name='{esc(k)}' value='{esc(v)}'>" for k, v in start.form.items())
     body = (f"<h1>Signing in…</h1><form id=saml method=post action='{esc(start.url)}'>{inputs}"
             "<noscript><button type=submit>Continue to your identity provider</button></noscript></form>"
-            "<script>document.getElementById('saml').submit()</script>")
+            f"<script>{SAML_AUTOSUBMIT_SCRIPT}</script>")
     return html_page("Signing in", body)
 
 
