@@ -1051,8 +1051,14 @@ def consume_response(
     saml_response: str,
     relay_state: str | None = None,
     now: datetime | None = None,
+    started_here: Callable[[str], bool] | None = None,
 ) -> AcsOutcome:
     """Handle a POST to ``/sso/{tenant}/acs``. Never raises for a bad response: the outcome says why.
+
+    ``started_here(request_id)`` says whether the browser posting holds the binding set when it was sent
+    to the IdP for that request (core.sso.routes; None for callers without a browser: demo seeding). An
+    answer to a request another browser started is refused as ``other_browser`` and the request is left
+    unused — a captured response posted from a victim's browser signs nobody in (login CSRF).
 
     The response must answer an AuthnRequest this tenant sent (unused, unexpired; the request is
     consumed whatever the verdict), unless the tenant opted in to IdP-initiated sign-in; it must pass
@@ -1098,6 +1104,12 @@ def consume_response(
         if (aware(request.expires_at) or now) <= now:
             return _refused("request_expired", "This sign-in request expired (10 minutes).", "Start the sign-in "
                             "again.", purpose=request.purpose)
+        if started_here is not None and not started_here(irt):
+            log.info("sso: response for request %s posted from a browser that did not start it", irt[:40])
+            return _refused("other_browser", "This sign-in was not started in this browser, so it cannot finish "
+                            "here (a sign-in response is only accepted from the browser that asked for it).",
+                            f"Start the sign-in again in this browser: {public(f'/sso/{tenant.slug}/login')}",
+                            purpose=request.purpose)
         purpose = request.purpose
     else:
         if not tenant.allow_idp_initiated:
