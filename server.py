@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
+from streamlit.runtime.pages_manager import PagesManager
 
 from core.http_guard import GuardMiddleware
 from core.settings import get_settings
@@ -51,6 +52,11 @@ def startup_checks() -> None:
 
     sweep_on_start(get_engine())
 
+
+# Streamlit runs any file in pages/ by its address, without dashboard.py's sign-in gate, until some
+# session calls st.navigation (its "pages directory" mode, set per process at the first session). Our
+# pages are only ever reached through dashboard.py's st.navigation: turn that mode off before any session.
+PagesManager.uses_pages_directory = False
 
 wire()
 app = st.App(str(HERE / "dashboard.py"), routes=collect_routes(), middleware=middleware())

@@ -9,6 +9,9 @@ and the Starlette routes beside it), installed by server.py through ``st.App(mid
 - Anti-framing and a Content-Security-Policy on every HTTP response (Streamlit's pages too).
 - Websocket: the Origin must be the public URL's origin (Streamlit itself lets any localhost origin in).
 
+- A database error that escapes a route (disk full, read-only, unreachable) becomes a 503 page saying
+  what failed and the fix, not a bare 500.
+
 Nothing here touches the database; the limits are module constants so tests and SECURITY.md name them.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -40,6 +44,7 @@ BODY_LIMITS: tuple[tuple[re.Pattern[str], int], ...] = (
     (re.compile(r"^/sso/[^/]+/acs$"), ACS_BODY_LIMIT),
     (re.compile(r"^/_stcore/upload_file(/|$)"), UPLOAD_BODY_LIMIT),
 )
+log = logging.getLogger(__name__)
 HOST_EXEMPT_PATHS = frozenset({"/healthz"})
 
 # The inline scripts the policy lets run, by hash: Streamlit's index.html has one; the SAML POST
@@ -70,7 +75,7 @@ def content_security_policy() -> str:
         "default-src 'self'",
         f"script-src 'self' {hashes} 'unsafe-eval'",
         "style-src 'self' 'unsafe-inline'",
-        "img-src 'self' data: blob:",
+        "img-src 'self' data: blob: https://fonts.gstatic.com",  # st.set_page_config's material favicon
         "font-src 'self' data:",
         "connect-src 'self'",
         "worker-src 'self' blob:",
@@ -146,6 +151,18 @@ async def _plain(send: Send, status: int, text: str, extra: list[tuple[bytes, by
     headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
                (b"cache-control", b"no-store"), (b"connection", b"close"), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _db_failure_page(send: Send, what: str) -> None:
+    from core.web import esc
+
+    body = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Database problem · CRM Bridge"
+            f"</title></head><body><h1>The database refused this change</h1><p role=alert>{esc(what)}</p>"
+            "<p>An operator can check <code>/healthz</code>.</p></body></html>").encode()
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"), (b"retry-after", b"60")]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -238,3 +255,13 @@ class GuardMiddleware:
         except BodyTooLarge:
             if not started and not replaced:
                 await _plain(send_secured, 413, f"The request body is over the limit of {limit} bytes.")
+        except Exception as exc:
+            # A database that refuses writes (disk full, read-only, unreachable): say what failed
+            # instead of a bare 500. Anything else goes on to the server's error handling.
+            from core.db import describe_db_failure
+
+            what = describe_db_failure(exc)
+            if what is None or started or replaced:
+                raise
+            log.error("%s %s: %s", scope.get("method"), path, what)
+            await _db_failure_page(send_secured, what)
