@@ -24,14 +24,38 @@ from starlette.routing import BaseRoute, Route
 from core.db import session_scope
 from core.errors import CrmBridgeError, NotFound, SessionInvalid
 from core.http_guard import SAML_AUTOSUBMIT_SCRIPT
+from core.ratelimit import RateLimiter
 from core.settings import get_settings
 from core.sso import service
 from core.sso.sp import MAX_RESPONSE_B64, REQUEST_TTL, AuthnStart
-from core.web import SESSION_COOKIE, cross_site, csrf_ok, csrf_token_for, esc, html_page, set_session_cookie
+from core.web import (
+    SESSION_COOKIE,
+    client_address,
+    cross_site,
+    csrf_ok,
+    csrf_token_for,
+    esc,
+    html_page,
+    set_session_cookie,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_ACS_BODY = MAX_RESPONSE_B64 * 2 + 16_384  # form-encoding can double base64's size
+# Anonymous ends, per client address and replica: each sign-in start writes a request row, each ACS
+# post costs a validation (and its refusals are audited, aggregated in core.sso.service._noisy_event).
+START_LIMIT = RateLimiter(limit=20, window=60)
+ACS_LIMIT = RateLimiter(limit=30, window=60)
+
+
+def _too_many(request: Request, limiter: RateLimiter, *, console: bool = True) -> Response | None:
+    verdict = limiter.hit(client_address(request))
+    if verdict.allowed:
+        return None
+    resp = _error_page("Single sign-on", "Too many single sign-on attempts from your network address.",
+                       f"Wait {verdict.retry_after} seconds and try again.", 429, console=console)
+    resp.headers["Retry-After"] = str(verdict.retry_after)
+    return resp
 
 
 def _error_page(title: str, message: str, fix: str, status: int, *, console: bool = True) -> Response:
@@ -107,6 +131,8 @@ async def metadata(request: Request) -> Response:
 
 async def login(request: Request) -> Response:
     slug = request.path_params["tenant"]
+    if (limited := _too_many(request, START_LIMIT)) is not None:
+        return limited
     relay = request.query_params.get("next")
 
     def work() -> AuthnStart:
@@ -147,6 +173,8 @@ async def test(request: Request) -> Response:
 
 async def connect_start(request: Request) -> Response:
     slug = request.path_params["tenant"]
+    if (limited := _too_many(request, START_LIMIT, console=False)) is not None:
+        return limited
     sealed = request.query_params.get("r")
 
     def work() -> AuthnStart:
@@ -163,6 +191,8 @@ async def connect_start(request: Request) -> Response:
 
 async def acs(request: Request) -> Response:
     slug = request.path_params["tenant"]
+    if (limited := _too_many(request, ACS_LIMIT)) is not None:
+        return limited
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_ACS_BODY):
         return _error_page("Single sign-on", "The SAML response is too large.", "Sign in again.", 413)
@@ -181,7 +211,8 @@ async def acs(request: Request) -> Response:
         with session_scope() as s:
             return service.consume_response(session=s, tenant_slug=slug, saml_response=saml_response,
                                             relay_state=relay if isinstance(relay, str) else None,
-                                            started_here=_started_here(request))
+                                            started_here=_started_here(request),
+                                            source=client_address(request))
 
     try:
         outcome = await run_in_threadpool(work)

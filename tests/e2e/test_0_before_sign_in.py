@@ -26,7 +26,7 @@ def test_before_sign_in_only_the_sign_in_page_exists(page, console):
     for path in ("/tenants", "/vault", "/common", "/audit", "/"):
         page.goto(f"{console.url}{path}")
         wait_streamlit(page)
-        page.get_by_text("CRM Bridge", exact=True).first.wait_for(timeout=15_000)
+        page.get_by_role("link", name="Sign in").first.wait_for(timeout=15_000)
         shot(path.strip("/") or "root")
         if path == "/common":  # not a page: Streamlit says so and runs the main page (the sign-in)
             assert page.get_by_text("Page not found").count() == 1
