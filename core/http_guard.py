@@ -36,7 +36,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 KIB = 1024
 MIB = 1024 * KIB
-FORM_BODY_LIMIT = 64 * KIB  # every form: sign-in, sign-out, invitations, connect links, credentials
+# every form: sign-in, sign-out, invitations, connect links, credentials (a secret textarea holds up to
+# 64 Ki characters, which form-encoding can triple)
+FORM_BODY_LIMIT = 256 * KIB
 ACS_BODY_LIMIT = 4 * MIB + 16 * KIB  # a 2 MiB base64 SAML response form-encoded (= core.sso.routes.MAX_ACS_BODY)
 UPLOAD_BODY_LIMIT = 6 * MIB  # Streamlit's file upload (IdP metadata XML; core.sso.fetch caps a document at 5 MiB)
 # (path pattern, limit); the first match wins, FORM_BODY_LIMIT otherwise.

@@ -153,3 +153,12 @@ def test_foreign_host_header_is_refused_dns_rebinding(server_app):
         assert other_port.get("/auth/login").status_code == 421
     with TestClient(server_app, base_url=PUBLIC) as good:
         assert good.get("/auth/login").status_code == 200
+
+
+def test_the_largest_secret_the_credentials_form_accepts_fits_the_form_limit():
+    """The secure credentials form's textarea takes 64 Ki characters (a PEM key, a JSON key file);
+    form-encoded, every one may become %XX."""
+    from urllib.parse import urlencode
+
+    worst = urlencode({"secret": "\n" * 65536, "csrf": "x" * 64, "next": "/" * 200})
+    assert len(worst) < FORM_BODY_LIMIT

@@ -44,9 +44,9 @@ def disk_full(engine) -> Iterator[None]:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def client(app_db):  # type: ignore[no-untyped-def]
-    import server
-
     from sqlmodel import Session
+
+    import server
 
     with Session(app_db) as s:
         auth.create_console_account(s, principal=Principal.system(), email="cs@crmbridge.example", role="staff",
