@@ -95,12 +95,28 @@ def test_chunked_oversized_saml_post_is_refused_while_streaming(server_app):
     assert body.sent <= ACS_BODY_LIMIT + body.chunk
 
 
-def test_declared_oversized_body_is_refused_before_reading(client):
-    body = Chunks(FORM_BODY_LIMIT * 4)
-    r = client.post("/auth/login", content=b"x" * (FORM_BODY_LIMIT + 1),
-                    headers={"content-type": "application/x-www-form-urlencoded"})
-    assert r.status_code == 413
-    assert body.sent == 0
+def test_declared_oversized_body_is_refused_before_reading(server_app):
+    """A Content-Length over the limit is answered 413 without pulling a single body message."""
+    import anyio
+
+    pulled: list[dict] = []
+    sent: list[dict] = []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/auth/login", "raw_path": b"/auth/login", "query_string": b"",
+             "root_path": "", "client": ("203.0.113.9", 40000), "server": ("127.0.0.1", 8501),
+             "headers": [(b"host", b"127.0.0.1:8501"), (b"content-length", str(FORM_BODY_LIMIT + 1).encode()),
+                         (b"content-type", b"application/x-www-form-urlencoded")]}
+
+    async def receive() -> dict:
+        msg = {"type": "http.request", "body": b"a" * 65536, "more_body": True}
+        pulled.append(msg)
+        return msg
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    anyio.run(server_app, scope, receive, send)
+    assert sent[0]["status"] == 413 and pulled == []
 
 
 @pytest.mark.parametrize("path", ["/auth/login", "/auth/logout", "/sso/bigcorp/acs", "/connect/abc"])
