@@ -44,6 +44,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from pydantic import SecretStr
+from sqlalchemy import case, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -79,7 +80,7 @@ from core.sync.models import (
 )
 from core.sync.outbox import canonical, loads, mirror_value, set_mirror_value
 from core.tenants.access import Principal
-from core.tenants.audit import record_event
+from core.tenants.audit import NewEvent, record_event, record_events
 from core.tenants.models import AppUser, AppUserCrmIdentity, CrmAccount
 
 log = logging.getLogger("crmbridge.sync")
@@ -724,35 +725,50 @@ class SyncEngine:
 
     def _apply_results(self, ctx: JobContext, claim: Claim, chunk: Sequence[SyncOutbox],
                        results: Sequence[PushResult], stats: RunStats) -> None:
-        """Commit one batch's results: outbox and mirror rows first (primary-key order), audit events last."""
+        """Commit one batch's results in one transaction of a few set-based statements: the applied
+        outbox rows in one UPDATE (only rows still pending: a row resolved meanwhile is left alone and
+        gets no audit event), the rejected ones one by one (rare), the new records' CRM ids into the
+        mirror in one UPDATE, then one audit append for the whole batch (``record_events``)."""
         now = self.clock()
+        outbox = SyncOutbox.__table__  # type: ignore[attr-defined]
+        mirror = SyncOpportunity.__table__  # type: ignore[attr-defined]
         with Session(self.engine, expire_on_commit=False) as s:
             fence(s, claim, now)
-            ids = [e.id for e in chunk]
-            rows = {r.id: r for r in s.exec(select(SyncOutbox).where(col(SyncOutbox.id).in_(ids))
-                                            .execution_options(populate_existing=True))}
-            mirrors = {m.id: m for m in s.exec(select(SyncOpportunity).where(
-                col(SyncOpportunity.id).in_({r.opportunity_id for r in rows.values()})))}
-            events: list[tuple[SyncOutbox, str | None, bool, bool]] = []
-            write_paths = {e.id: r.write_path for e, r in zip(chunk, results, strict=True) if r.write_path}
-            for e, r in zip(chunk, results, strict=True):
-                row = rows.get(e.id)
-                if row is None or row.status != OutboxStatus.pending:
-                    continue  # resolved meanwhile
-                row.attempts += 1
-                if r.ok:
-                    self._mark_applied(s, ctx, row, mirrors.get(row.opportunity_id), crm_id=r.crm_id, now=now)
-                    events.append((row, r.crm_id, r.created, False))
-                    stats.records_out += 1
-                else:
+            by_id = {e.id: r for e, r in zip(chunk, results, strict=True)}
+            ok_ids = sorted(i for i, r in by_id.items() if r.ok)
+            bad_ids = sorted(i for i, r in by_id.items() if not r.ok)
+            applied: dict[int, Any] = {}
+            if ok_ids:
+                for row in s.execute(
+                    update(outbox).where(outbox.c.id.in_(ok_ids), outbox.c.status == OutboxStatus.pending.value)
+                    .values(status=OutboxStatus.applied.value, attempts=outbox.c.attempts + 1, applied_at=now,
+                            applied_run_id=ctx.run_id, via=ctx.via, last_error=None, last_error_code=None,
+                            updated_at=now)
+                    .returning(outbox.c.id, outbox.c.opportunity_id, outbox.c.idempotency_key, outbox.c.fields_json,
+                               outbox.c.operation, outbox.c.actor_label, outbox.c.actor_app_user_id)
+                ):
+                    applied[row.id] = row
+            if bad_ids:
+                pending = set(s.execute(select(outbox.c.id).where(
+                    outbox.c.id.in_(bad_ids), outbox.c.status == OutboxStatus.pending.value)).scalars())
+                for i in bad_ids:
+                    if i not in pending:
+                        continue  # resolved meanwhile
+                    r = by_id[i]
                     retry = (r.error_code or "") in RETRYABLE_RECORD_CODES
-                    row.status = OutboxStatus.pending.value if retry else OutboxStatus.failed.value
-                    row.last_error = (r.error or f"The CRM rejected the record ({r.error_code}).")[:2000]
-                    row.last_error_code = (r.error_code or "")[:80] or None
-                    row.updated_at = now
-                    s.add(row)
+                    s.execute(update(outbox).where(outbox.c.id == i).values(
+                        status=OutboxStatus.pending.value if retry else OutboxStatus.failed.value,
+                        attempts=outbox.c.attempts + 1,
+                        last_error=(r.error or f"The CRM rejected the record ({r.error_code}).")[:2000],
+                        last_error_code=(r.error_code or "")[:80] or None, updated_at=now))
                     stats.records_failed += 1
-            s.flush()
+            new_ids = {row.opportunity_id: by_id[i].crm_id for i, row in applied.items() if by_id[i].crm_id}
+            if new_ids:
+                s.execute(update(mirror).where(mirror.c.id.in_(sorted(new_ids)), mirror.c.crm_id.is_(None))
+                          .values(crm_id=case(new_ids, value=mirror.c.id)))
+            stats.records_out += len(applied)
+            write_paths = {i: r.write_path for i, r in by_id.items() if r.write_path}
+            events = [(applied[i], by_id[i].crm_id, by_id[i].created, False) for i in sorted(applied)]
             self._audit_applied(s, ctx, events, now, write_paths)
             s.commit()
 
@@ -770,9 +786,12 @@ class SyncEngine:
             m.crm_id = crm_id
             s.add(m)
 
-    def _audit_applied(self, s: Session, ctx: JobContext, events: list[tuple[SyncOutbox, str | None, bool, bool]],
+    def _audit_applied(self, s: Session, ctx: JobContext, events: Sequence[tuple[Any, str | None, bool, bool]],
                        now: datetime, write_paths: dict[int | None, str] | None = None) -> None:
-        """One audit event per change that reached the CRM: the real actor, and how we wrote it (``via``)."""
+        """One audit event per change that reached the CRM: the real actor, and how we wrote it (``via``),
+        appended for the whole batch at once (``record_events``). ``events`` holds (outbox row, CRM id,
+        created, confirmed by a pull); the row is a ``SyncOutbox`` or a row with the same columns."""
+        batch: list[NewEvent] = []
         for row, crm_id, created, confirmed in events:
             details: dict[str, Any] = {
                 "crm_account_id": ctx.crm_account_id, "idempotency_key": row.idempotency_key,
@@ -789,10 +808,12 @@ class SyncEngine:
                     details["impersonated_crm_user"] = act_as
                 if ctx.attribution_enabled:
                     details["attribution_field"] = ctx.account.setting("attribution_field")
-            record_event(s, principal=row.actor_label,
-                         action="opportunity.create" if row.operation == "create" or created else "opportunity.update",
-                         tenant_id=ctx.tenant_id, target=f"opportunity:{crm_id or row.idempotency_key}",
-                         details=details, via=ctx.via, at=now)
+            batch.append(NewEvent(
+                principal=row.actor_label,
+                action="opportunity.create" if row.operation == "create" or created else "opportunity.update",
+                tenant_id=ctx.tenant_id, target=f"opportunity:{crm_id or row.idempotency_key}",
+                details=details, via=ctx.via, at=now))
+        record_events(s, batch)
 
     # -------------------------------------------------------------------------------- finish
     def _lease_lost(self, claim: Claim, stats: RunStats) -> RunResult:
