@@ -16,8 +16,11 @@ PostgreSQL comes from CRMBRIDGE_BENCH_DATABASE_URL, or the benchmark starts its 
 (initdb/pg_ctl as in .ci/run) on a free loopback port and removes it at the end. The sandbox runs as
 its own process with a generated scenario and a CA made in a temp directory.
 
-Last line: ``RESULT call_ratio=X scale_4_over_1=Y`` (call_ratio = calls / minimum over both bulk runs
-on both databases, target 1.00; scale_4_over_1 = throughput with 4 workers / with 1, target ≥ 1.5).
+Last line: ``RESULT call_ratio=X scale_4_over_1=Y push_pg=… pull_pg=… push_sqlite=… pull_sqlite=…
+push_vs_copy=Z`` (call_ratio = calls / minimum over both bulk runs on both databases, target 1.00;
+scale_4_over_1 = throughput with 4 workers / with 1, target ≥ 1.5; push/pull in records/s;
+push_vs_copy = the PostgreSQL push's time / the time hand-written batched INSERTs of the same mirror
+and audit rows take in the same run (``copy_rows``), target ≤ 3).
 """
 
 from __future__ import annotations
@@ -277,9 +280,64 @@ def bulk(url: str, sb: Sandbox, records: int) -> dict[str, float]:
     calls = pull.stats.api_calls + push.stats.api_calls
     logins = pull.stats.auth_calls + push.stats.auth_calls
     minimum = max(1, math.ceil(records / 2000)) + 1 + math.ceil(records / 200)
+    t_copy = copy_rows(eng, t.id, acc.id, records)  # type: ignore[arg-type]
     eng.dispose()
     return {"pull_s": t_pull, "push_s": t_push, "record_s": t_record, "calls": calls, "min": minimum,
+            "copy_s": t_copy,
             "logins": logins, "pull_calls": pull.stats.api_calls, "push_calls": push.stats.api_calls}
+
+
+def copy_rows(eng: Any, tenant_id: int, account_id: int, records: int, batch: int = 200) -> float:
+    """The floor for the push: the same rows a push writes — a mirror row and an HMAC-chained audit
+    row per record — written by hand-written DB-API SQL, one multi-row INSERT of each per batch of
+    ``batch`` and one commit per batch (as the push commits each CRM write batch). Returns seconds."""
+    from types import SimpleNamespace
+
+    from core.clock import utcnow
+    from core.tenants.audit import audit_key, compute_hmac
+
+    key = audit_key()
+    pg = eng.dialect.name == "postgresql"
+    mark = "%s" if pg else "?"
+    chain = "copy-bench"
+    raw = eng.raw_connection()
+    conn = raw.driver_connection
+    prev = ""
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, records, batch):
+            now = utcnow()
+            stamp = now if pg else now.strftime("%Y-%m-%d %H:%M:%S.%f")
+            mirror, audit = [], []
+            for i in range(start, min(records, start + batch)):
+                ext = f"copy-{i:06d}"
+                fields = {"name": f"Bench new deal {i:05d}", "stage": "Prospecting", "amount": f"{i}.00",
+                          "close_date": "2027-03-31"}
+                mirror.append((tenant_id, account_id, f"006COPY{i:011d}", ext, fields["name"], "Prospecting",
+                               f"{i}.00", "2027-03-31", None, None, "{}", stamp, stamp))
+                details = json.dumps({"crm_account_id": account_id, "fields": fields, "idempotency_key": ext,
+                                      "job_id": 1, "run_id": 1}, sort_keys=True)
+                ev = SimpleNamespace(chain=chain, seq=i + 1, occurred_at=now, tenant_id=tenant_id,
+                                     actor=f"rep{i % 3}@bench.example", actor_role="app_user",
+                                     action="opportunity.create", target=f"opportunity:006COPY{i:011d}",
+                                     details=details, via="api-user")
+                mac = compute_hmac(ev, prev, key)  # type: ignore[arg-type]
+                audit.append((chain, i + 1, stamp, tenant_id, ev.actor, "app_user", ev.action, ev.target, details,
+                              "api-user", prev, mac))
+                prev = mac
+            cur = conn.cursor()
+            cur.execute("INSERT INTO sync_opportunity (tenant_id, crm_account_id, crm_id, external_key, name, stage,"
+                        " amount, close_date, owner_crm_id, crm_modified_at, app_fields_json, created_at, updated_at)"
+                        " VALUES " + ",".join(["(" + ",".join([mark] * 13) + ")"] * len(mirror)),
+                        [v for row in mirror for v in row])
+            cur.execute("INSERT INTO audit_event (chain, seq, occurred_at, tenant_id, actor, actor_role, action,"
+                        " target, details, via, prev_hmac, hmac) VALUES "
+                        + ",".join(["(" + ",".join([mark] * 12) + ")"] * len(audit)),
+                        [v for row in audit for v in row])
+            conn.commit()
+        return time.perf_counter() - t0
+    finally:
+        raw.close()
 
 
 # -- phase 2: scale-out -----------------------------------------------------------------------------
@@ -442,7 +500,9 @@ def main() -> int:
                     f"{args.records / r['pull_s']:,.0f} records/s ({r['pull_calls']} calls); push {args.records:,} "
                     f"in {r['push_s']:.1f} s = {args.records / r['push_s']:,.0f} records/s ({r['push_calls']} calls); "
                     f"API calls {r['calls']} vs minimum {r['min']} (logins excluded: {r['logins']}); "
-                    f"outbox filled in {r['record_s']:.1f} s")
+                    f"outbox filled in {r['record_s']:.1f} s; the same mirror + audit rows by hand-written "
+                    f"batched INSERTs in {r['copy_s']:.2f} s = {args.records / r['copy_s']:,.0f} records/s "
+                    f"(push_vs_copy {r['push_s'] / r['copy_s']:.2f})")
             calls = sum(r["calls"] for r in results.values())
             minimum = sum(r["min"] for r in results.values())
             call_ratio = calls / minimum
@@ -466,7 +526,11 @@ def main() -> int:
         sb.stop()
         shutil.rmtree(work, ignore_errors=True)
     log(f"total {time.perf_counter() - started:.0f} s")
-    log(f"RESULT call_ratio={call_ratio:.2f} scale_4_over_1={scale:.2f}")
+    pg, lite = results["PostgreSQL"], results["SQLite"]
+    log(f"RESULT call_ratio={call_ratio:.2f} scale_4_over_1={scale:.2f} "
+        f"push_pg={args.records / pg['push_s']:.0f} pull_pg={args.records / pg['pull_s']:.0f} "
+        f"push_sqlite={args.records / lite['push_s']:.0f} pull_sqlite={args.records / lite['pull_s']:.0f} "
+        f"push_vs_copy={pg['push_s'] / pg['copy_s']:.2f}")
     return 0
 
 

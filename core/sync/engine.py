@@ -734,7 +734,7 @@ class SyncEngine:
         mirror = SyncOpportunity.__table__  # type: ignore[attr-defined]
         with Session(self.engine, expire_on_commit=False) as s:
             fence(s, claim, now)
-            by_id = {e.id: r for e, r in zip(chunk, results, strict=True)}
+            by_id: dict[int, PushResult] = {e.id: r for e, r in zip(chunk, results, strict=True) if e.id is not None}
             ok_ids = sorted(i for i, r in by_id.items() if r.ok)
             bad_ids = sorted(i for i, r in by_id.items() if not r.ok)
             applied: dict[int, Any] = {}
@@ -767,7 +767,7 @@ class SyncEngine:
                 s.execute(update(mirror).where(mirror.c.id.in_(sorted(new_ids)), mirror.c.crm_id.is_(None))
                           .values(crm_id=case(new_ids, value=mirror.c.id)))
             stats.records_out += len(applied)
-            write_paths = {i: r.write_path for i, r in by_id.items() if r.write_path}
+            write_paths: dict[int | None, str] = {i: r.write_path for i, r in by_id.items() if r.write_path}
             events = [(applied[i], by_id[i].crm_id, by_id[i].created, False) for i in sorted(applied)]
             self._audit_applied(s, ctx, events, now, write_paths)
             s.commit()
