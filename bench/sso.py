@@ -62,7 +62,7 @@ import core.models  # noqa: E402,F401
 from core.db import get_engine, session_scope  # noqa: E402
 from core.sso import service  # noqa: E402
 from core.sso.lint import lint_metadata  # noqa: E402
-from core.sso.routes import routes  # noqa: E402
+from core.sso.routes import binding_cookie_name, binding_value, routes  # noqa: E402
 from core.sso.sp import (  # noqa: E402
     build_settings_dict,
     cached_schema,
@@ -83,14 +83,19 @@ def _ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
-async def call_asgi(app: Any, path: str, body: bytes) -> tuple[int, dict[str, str]]:
-    """POST ``body`` to ``path`` through the ASGI app, in-process (what uvicorn hands the app)."""
+async def call_asgi(app: Any, path: str, body: bytes, *, request_id: str = "", n: int = 0) -> tuple[int, dict[str, str]]:
+    """POST ``body`` to ``path`` through the ASGI app, in-process (what uvicorn hands the app), from the
+    browser that started ``request_id`` (its login-CSRF binding cookie), as the ``n``-th of a company's
+    employees (each from their own address: the ACS limits posts per address)."""
+    headers = [(b"host", b"127.0.0.1:8501"), (b"content-type", b"application/x-www-form-urlencoded"),
+               (b"content-length", str(len(body)).encode())]
+    if request_id:
+        headers.append((b"cookie", f"{binding_cookie_name(request_id)}={binding_value(request_id)}".encode()))
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8501"), (b"content-type", b"application/x-www-form-urlencoded"),
-                    (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8501),
+        "headers": headers, "client": (f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}", 50000),
+        "server": ("127.0.0.1", 8501),
     }
     sent = False
     status = 0
@@ -183,7 +188,7 @@ def bench_acs(idp: SamlIdp, n: int, warmup: int) -> dict[str, float]:
             for which in order:
                 if which == 0:
                     t0 = _clock()
-                    status, headers = await call_asgi(app, "/sso/bigcorp/acs", body)
+                    status, headers = await call_asgi(app, "/sso/bigcorp/acs", body, request_id=request_id, n=i)
                     if measured:
                         _record(times, "acs", t0)
                     if status != 303 or "crmbridge_session=" not in headers.get("set-cookie", ""):
@@ -194,7 +199,7 @@ def bench_acs(idp: SamlIdp, n: int, warmup: int) -> dict[str, float]:
                     bare(request_id, b64, key="cached" if measured else "", cached=True)
             # A replay through the ACS must fail: the benchmark measures the real, defended path.
             if i == warmup:
-                status, _ = await call_asgi(app, "/sso/bigcorp/acs", body)
+                status, _ = await call_asgi(app, "/sso/bigcorp/acs", body, request_id=request_id, n=i)
                 if status != 403:
                     raise SystemExit(f"replay was not refused (HTTP {status})")
 

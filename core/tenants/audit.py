@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert
+from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from core.clock import utcnow
@@ -222,6 +223,50 @@ def record_event(
     session.add(ev)
     session.flush()
     return ev
+
+
+_EVENT_T = AuditEvent.__table__  # type: ignore[attr-defined]
+_HEAD_T = AuditHead.__table__  # type: ignore[attr-defined]
+_LEAN_HEAD = sa_select(_HEAD_T.c.seq, _HEAD_T.c.last_hmac, _HEAD_T.c.mac).where(
+    _HEAD_T.c.chain == bindparam("chain"))
+
+
+def record_event_lean(
+    session: Session,
+    *,
+    principal: Principal | str,
+    action: str,
+    tenant_id: int | None,
+    target: str = "",
+    details: dict[str, Any] | None = None,
+    via: str | None = None,
+    at: datetime,
+) -> None:
+    """``record_event`` in three Core statements on the session's connection (head locked, row
+    inserted, head advanced with its MAC), without the ORM's unit of work: the same row, HMAC and
+    head MAC, for hot paths (the ACS's sign-in). A chain without a head yet goes through
+    ``record_event`` (it joins the global seal). Use it only in a transaction that has not loaded
+    this chain's head through the ORM (the ORM copy would be stale)."""
+    chain = chain_name(tenant_id)
+    q = _LEAN_HEAD.with_for_update() if _is_pg(session) else _LEAN_HEAD
+    conn = session.connection()
+    head = conn.execute(q, {"chain": chain}).first()
+    if head is None:
+        record_event(session, principal=principal, action=action, tenant_id=tenant_id, target=target,
+                     details=details, via=via, at=at)
+        return
+    ev = AuditEvent(
+        chain=chain, seq=head[0] + 1, occurred_at=at, tenant_id=tenant_id,
+        actor=(principal.email if isinstance(principal, Principal) else str(principal))[:254],
+        actor_role=principal.role if isinstance(principal, Principal) else "app_user", action=action,
+        target=target[:300], details=json.dumps(details or {}, sort_keys=True, default=str), via=via,
+        prev_hmac=head[1], hmac="",
+    )
+    ev.hmac = compute_hmac(ev, head[1], audit_key())
+    conn.execute(insert(_EVENT_T).values({c: getattr(ev, c) for c in _EVENT_COLUMNS}))
+    conn.execute(update(_HEAD_T).where(_HEAD_T.c.chain == chain).values(
+        seq=ev.seq, last_hmac=ev.hmac, mac=head_mac(head_key(), chain, ev.seq, ev.hmac) if head[2] is not None
+        else None))
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,14 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import insert, update
 from sqlmodel import Session, select
 
 from core.clock import utcnow
 from core.errors import AccessDenied, Conflict, InvalidInput, SessionInvalid, SignInFailed
 from core.settings import get_settings
 from core.tenants.access import Principal, require_staff
-from core.tenants.audit import record_event
+from core.tenants.audit import record_event, record_event_lean
 from core.tenants.models import ConsoleAccount, ConsoleSession, Role, SignInThrottle, Tenant
 
 MAX_FAILURES = 5
@@ -150,6 +151,27 @@ def start_session(
                  tenant_id=account.tenant_id, target=f"console_account:{account_id}",
                  details={"method": method}, at=now)
     session.flush()
+    return token
+
+
+_SESSION_T = ConsoleSession.__table__  # type: ignore[attr-defined]
+_ACCOUNT_T = ConsoleAccount.__table__  # type: ignore[attr-defined]
+
+
+def start_session_lean(session: Session, *, account: Principal, method: str, now: datetime) -> str:
+    """``start_session`` for the SSO sign-in, in Core statements on the session's connection (session
+    row, ``session.start`` audit event through ``record_event_lean``, the account's last sign-in):
+    the same rows without the ORM's unit of work, which cost the ACS about 1.5 ms. ``account`` is the
+    enabled account the caller just read (its id, role, email and tenant)."""
+    assert account.account_id is not None
+    token = secrets.token_urlsafe(32)
+    hours = timedelta(hours=get_settings().session_absolute_hours)
+    conn = session.connection()
+    conn.execute(insert(_SESSION_T).values(token_hash=_token_hash(token), account_id=account.account_id,
+                                           method=method, created_at=now, last_seen_at=now, expires_at=now + hours))
+    record_event_lean(session, principal=account, action="session.start", tenant_id=account.tenant_id,
+                      target=f"console_account:{account.account_id}", details={"method": method}, at=now)
+    conn.execute(update(_ACCOUNT_T).where(_ACCOUNT_T.c.id == account.account_id).values(last_sign_in_at=now))
     return token
 
 
