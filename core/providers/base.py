@@ -245,6 +245,7 @@ class ProviderBase(Provider):
         on_credential_update: CredentialUpdateCallback | None = None,
         clock: Clock = utcnow,
     ) -> None:
+        transport.check_account(account)  # the vendor's own hosts only, before any secret is sent
         self.account = account
         self._credential = credential
         self.transport = transport
