@@ -112,12 +112,15 @@ class CrmUrlPolicy:
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> CrmUrlPolicy:
-        """The product's policy: vendor hosts, and the configured sandbox in demo mode only."""
+        """The product's policy: vendor hosts; plus the configured ``CRMBRIDGE_SANDBOX_URL`` origin in demo
+        mode, or where the operator made the sandbox's CA trusted (``CRMBRIDGE_SANDBOX_CA_FILE``, as the
+        test suite does) — never merely because the URL setting has its default."""
         if settings is None:
             from core.settings import get_settings
 
             settings = get_settings()
-        return cls.vendors(sandbox_url=settings.sandbox_url if settings.demo else None)
+        sandbox = settings.demo or settings.sandbox_ca_file is not None
+        return cls.vendors(sandbox_url=settings.sandbox_url if sandbox else None)
 
     def hosts_for(self, provider: str | None) -> tuple[str, ...]:
         if provider is None:
@@ -362,9 +365,13 @@ class _BoundedBody(httpx.SyncByteStream):
         self._inner.close()
 
 
+def _size(n: int) -> str:
+    return f"{n / 1_000_000:g} MB" if n >= 1_000_000 else f"{n:,} bytes"
+
+
 def too_large(host: str, max_bytes: int) -> ResponseTooLarge:
     return ResponseTooLarge(
-        f"The CRM at {host} sent more than {max_bytes / 1_000_000:g} MB in one response; CRM Bridge stopped "
+        f"The CRM at {host} sent more than {_size(max_bytes)} in one response; CRM Bridge stopped "
         "reading there.", fix="Lower the page or batch size on the account (query_batch_size); if it persists, "
         "check the instance URL.", code="response_too_large")
 
