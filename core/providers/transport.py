@@ -430,7 +430,8 @@ class GuardedTransport(httpx.BaseTransport):
         request.headers["Accept-Encoding"] = ACCEPT_ENCODING
         asked = request.extensions.get("timeout") or {}
         request.extensions = {**request.extensions, "timeout": {  # no single wait longer than the whole call
-            k: min(float(asked.get(k) or self.deadline_s), self.deadline_s) for k in ("connect", "read", "write", "pool")}}
+            k: min(float(asked.get(k) or self.deadline_s), self.deadline_s)
+            for k in ("connect", "read", "write", "pool")}}
         token = _DEADLINE.set(deadline)
         try:
             response = self._http.handle_request(request)
@@ -511,13 +512,13 @@ def httpx_adapter(client: Callable[[], httpx.Client]) -> Any:
             resp.status_code = r.status_code
             resp.headers = CaseInsensitiveDict(r.headers.items())
             resp._content = r.content
-            resp._content_consumed = True
+            resp._content_consumed = True  # type: ignore[attr-defined]
             resp.raw = io.BytesIO(r.content)
             resp.encoding = get_encoding_from_headers(resp.headers)
             resp.reason = r.reason_phrase
             resp.url = request.url or ""
             resp.request = request
-            resp.connection = self
+            resp.connection = self  # type: ignore[assignment]
             return resp
 
         def close(self) -> None:

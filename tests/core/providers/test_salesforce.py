@@ -236,7 +236,8 @@ def test_professional_without_the_api_add_on(sandbox) -> None:
 
 
 def test_transport_failures_map_to_unavailable_and_malformed(sandbox) -> None:
-    untrusted = ana(sandbox, transport=HttpTransport(verify=True, url_policy=sandbox.url_policy()))  # system CAs do not know the sandbox
+    # system CAs do not know the sandbox
+    untrusted = ana(sandbox, transport=HttpTransport(verify=True, url_policy=sandbox.url_policy()))
     report = untrusted.test_connection()
     assert report.steps[0].name == "reach" and not report.steps[0].ok and "TLS" in report.steps[0].detail
     import socket

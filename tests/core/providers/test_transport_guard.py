@@ -205,7 +205,8 @@ def test_every_url_field_of_an_account_is_held_to_its_vendor(session, tenant, ou
         service.add_crm_account_settings(
             session=session, principal=admin, tenant_id=tenant.id, provider="dynamics-365",
             edition="sales-enterprise", label="Dyn", auth_mode="oauth_client_credentials",
-            values={"instance_url": "https://contoso.crm4.dynamics.com", "tenant_id": "6f1c2b9e-5d3a-4c1e-9b7a-d1c0de5a2026",
+            values={"instance_url": "https://contoso.crm4.dynamics.com",
+                    "tenant_id": "6f1c2b9e-5d3a-4c1e-9b7a-d1c0de5a2026",
                     "client_id": "0c1b2a39-8d7e-4f60-a5b4-c3d2e1f0a926",
                     "authority_url": "https://evil.example.com"})
     with pytest.raises(InvalidInput, match="refused"):  # the page where HubSpot admins approve the install
@@ -432,3 +433,43 @@ def test_errors_are_provider_errors_the_console_can_show():
     assert issubclass(ResponseTooLarge, MalformedResponse) and issubclass(CallDeadlineExceeded, ProviderError)
     assert issubclass(CrmUrlRefused, ProviderError)
     assert requests  # the requests path is exercised above through HttpTransport.session()
+
+
+# -- the connect link: the user sees where the password goes, and a planted host gets nothing ---------
+def test_a_connect_link_shows_the_crm_host_and_never_sends_a_password_to_a_planted_one(
+        app_db, vault_keys, hostile, outside_demo):
+    import re
+
+    from sqlmodel import Session
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from core import wiring
+    from core.tenants.access import Principal
+    from core.vault import connect
+    from core.vault.routes import routes
+    from tests.conftest import make_tenant
+    from tests.fixtures.vault import make_vault_world
+
+    trap = hostile("ok")  # the attacker's server, waiting for passwords
+    with Session(app_db, expire_on_commit=False) as s:
+        world = make_vault_world(s, make_tenant(s, "tinyco"))
+        world.account.instance_url = f"https://127.0.0.1:{trap.port}/salesforce/tinyco"  # planted in the row
+        s.add(world.account)
+        url = connect.create_connect_link(s, principal=Principal(role="staff", email="cs@crmbridge.example"),
+                                          tenant_id=world.tenant.id, app_user_id=world.users[0].id,
+                                          crm_account_id=world.account.id)
+        s.commit()
+    token = url.rsplit("/", 1)[1]
+    connect.set_credential_tester(wiring._test_link_credential)  # the product's: check_credential, real provider
+    try:
+        client = TestClient(Starlette(routes=routes))
+        page = client.get(f"/connect/{token}")
+        assert f"Your login goes to <b>127.0.0.1:{trap.port}</b>" in page.text  # the user can see where
+        csrf = re.search(r"name=csrf value='([^']+)'", page.text).group(1)  # type: ignore[union-attr]
+        sent = client.post(f"/connect/{token}", data={"csrf": csrf, "action": "store", "username": "user1",
+                                                      "password": "hunter2-typed"})
+        assert sent.status_code == 503 and "refused" in sent.text
+        assert trap.requests == []  # the password never left CRM Bridge
+    finally:
+        connect.set_credential_tester(None)
