@@ -65,6 +65,7 @@ def _all_text(at: AppTest) -> str:
 @pytest.fixture
 def sandbox_settings(monkeypatch: pytest.MonkeyPatch, sandbox):  # type: ignore[no-untyped-def]
     monkeypatch.setenv("CRMBRIDGE_SANDBOX_CA_FILE", str(sandbox.ca_file))
+    monkeypatch.setenv("CRMBRIDGE_SANDBOX_URL", sandbox.base_url)  # the one loopback origin CRM calls may use
     get_settings.cache_clear()
     yield sandbox
     get_settings.cache_clear()
@@ -109,7 +110,7 @@ def test_adding_an_account_then_links_to_the_secure_credentials_form(app_db, vau
     labels = [t.label for t in at.text_input]
     assert labels[:2] == ["Label", "My Domain URL"] and "Consumer key" in labels
     assert "Consumer secret" not in labels
-    values = {"Label": "EMEA sales", "My Domain URL": f"{sandbox_server.base_url}/salesforce/bigcorp-emea",
+    values = {"Label": "EMEA sales", "My Domain URL": "https://bigcorp-emea.my.salesforce.com",
               "Consumer key": "bigcorp-emea-integration"}
     for box in at.text_input:
         if box.label in values:
@@ -219,7 +220,7 @@ def test_quota_gauge_and_forecast(app_db):
     with Session(app_db) as s:
         tenant = make_tenant(s, "acme")
         acc = CrmAccount(tenant_id=tenant.id, provider="salesforce", edition="enterprise", label="Q",
-                         instance_url="https://a.example")
+                         instance_url="https://a.my.salesforce.com")
         s.add(acc)
         s.commit()
         now = utcnow()
@@ -243,7 +244,7 @@ def test_another_tenants_admin_sees_an_error_not_the_account(app_db):
         tenant = make_tenant(s, "acme")
         other = make_tenant(s, "globex")
         acc = CrmAccount(tenant_id=tenant.id, provider="salesforce", edition="enterprise", label="Q",
-                         instance_url="https://a.example")
+                         instance_url="https://a.my.salesforce.com")
         s.add(acc)
         s.commit()
         account_id, other_id = acc.id, other.id
