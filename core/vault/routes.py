@@ -294,6 +294,8 @@ async def connect_oauth(request: Request) -> Response:
                 url = connect.oauth_start_url(s, token, now=now)
         except LinkInvalid as exc:
             return _invalid(str(exc))
+        except ConfigurationError as exc:  # e.g. the account's CRM address is not the vendor's: send nobody there
+            return _invalid(str(exc), status=503)
         return RedirectResponse(url, status_code=303)
 
     return await run_in_threadpool(start)

@@ -473,3 +473,37 @@ def test_a_connect_link_shows_the_crm_host_and_never_sends_a_password_to_a_plant
         assert trap.requests == []  # the password never left CRM Bridge
     finally:
         connect.set_credential_tester(None)
+
+
+def test_a_connect_link_never_sends_the_user_to_sign_in_at_a_planted_host(app_db, vault_keys, outside_demo):
+    """Per-user OAuth: the link's "Sign in with Salesforce" must not redirect to the attacker's page."""
+    from sqlmodel import Session
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from core import wiring
+    from core.tenants.access import Principal
+    from core.vault import connect
+    from core.vault.routes import routes
+    from tests.conftest import make_tenant
+    from tests.fixtures.vault import make_vault_world
+
+    with Session(app_db, expire_on_commit=False) as s:
+        world = make_vault_world(s, make_tenant(s, "tinyco"), mode="per_user_oauth")
+        world.account.instance_url = "https://login.evil.example.com"
+        world.account.settings_json = json.dumps({"auth_mode": "oauth_authorization_code", "client_id": "c"})
+        s.add(world.account)
+        url = connect.create_connect_link(s, principal=Principal(role="staff", email="cs@crmbridge.example"),
+                                          tenant_id=world.tenant.id, app_user_id=world.users[0].id,
+                                          crm_account_id=world.account.id)
+        s.commit()
+    token = url.rsplit("/", 1)[1]
+    connect.set_oauth_starter("salesforce", wiring._start_link_oauth)
+    try:
+        client = TestClient(Starlette(routes=routes))
+        assert "<b>login.evil.example.com</b>" in client.get(f"/connect/{token}").text  # shown, not hidden
+        start = client.get(f"/connect/{token}/oauth", follow_redirects=False)
+        assert start.status_code == 503 and "refused" in start.text
+        assert "evil.example.com" not in start.headers.get("location", "")
+    finally:
+        connect.set_oauth_starter("salesforce", None)
