@@ -160,16 +160,22 @@ def _provider_class(provider: str) -> Any:
 
 
 def begin_authorization(
-    *, account: CrmAccount, binding: str, login_hint: str | None = None, now: datetime | None = None
+    *, account: CrmAccount, binding: str, login_hint: str | None = None, now: datetime | None = None,
+    url_policy: CrmUrlPolicy | None = None,
 ) -> str:
-    """The CRM's authorize URL for ``account``, with a signed state and a PKCE challenge."""
+    """The CRM's authorize URL for ``account``, with a signed state and a PKCE challenge.
+
+    Raises:
+        ConfigurationError (``url_refused``): the account's URLs or the sign-in page are not on the vendor's
+            hosts (``url_policy``, by default the product's: ``CrmUrlPolicy.from_settings()``).
+    """
     if not binding or len(binding) > 200:
         raise InvalidInput("An OAuth binding (who the grant is for) is required.")
     assert account.id is not None
     now = now or utcnow()
     cls = _provider_class(account.provider)
     config = AccountConfig.from_crm_account(account)
-    policy = CrmUrlPolicy.from_settings()  # a user is sent to sign in there: the vendor's own hosts only
+    policy = url_policy or CrmUrlPolicy.from_settings()  # a user is sent to sign in there: the vendor's own hosts only
     check_account_urls(policy, account.provider, config.instance_url, config.settings)
     state = make_state(account_id=account.id, provider=account.provider, binding=binding, now=now)
     url = str(cls.authorization_url(

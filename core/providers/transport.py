@@ -379,8 +379,8 @@ def too_large(host: str, max_bytes: int) -> ResponseTooLarge:
 def too_slow(host: str, deadline_s: float) -> CallDeadlineExceeded:
     return CallDeadlineExceeded(
         f"The call to the CRM at {host} timed out: no complete answer within {deadline_s:g} s (the limit for one "
-        "call), so CRM Bridge gave up on it.", fix="Try again later; if it persists, check the CRM's status page and the "
-        "instance URL.", code="deadline")
+        "call), so CRM Bridge gave up on it.",
+        fix="Try again later; if it persists, check the CRM's status page and the instance URL.", code="deadline")
 
 
 @dataclass

@@ -143,7 +143,8 @@ def _approve(sandbox, url, username, password):
 def test_oauth_callback_tests_the_grant_and_stores_the_refresh_token(session, staff, tenant, vault_keys, sandbox):
     acc = _per_user_oauth_account(session, staff, tenant, sandbox)
     user = make_app_user(session, tenant, "nora@acme.example")
-    url = oauth.begin_authorization(account=acc, binding=f"app_user:{user.id}", login_hint="nora@newco.example")
+    url = oauth.begin_authorization(
+        account=acc, url_policy=sandbox.url_policy(), binding=f"app_user:{user.id}", login_hint="nora@newco.example")
     assert url.startswith(f"{sandbox.base_url}/salesforce/newco/services/oauth2/authorize?")
     assert "code_challenge_method=S256" in url and "redirect_uri=http%3A%2F%2F127.0.0.1%3A8501%2Foauth" in url
     params = _approve(sandbox, url, "nora@newco.example", "Demo-Nora-2026")
@@ -165,7 +166,8 @@ def test_oauth_callback_tests_the_grant_and_stores_the_refresh_token(session, st
 def test_oauth_state_is_signed_expires_and_binds_the_verifier(session, staff, tenant, vault_keys, sandbox, clock):
     acc = _per_user_oauth_account(session, staff, tenant, sandbox, org="tinyco")
     user = make_app_user(session, tenant, "ben@acme.example")
-    url = oauth.begin_authorization(account=acc, binding=f"app_user:{user.id}", now=clock())
+    url = oauth.begin_authorization(
+        account=acc, url_policy=sandbox.url_policy(), binding=f"app_user:{user.id}", now=clock())
     state = parse_qs(urlsplit(url).query)["state"][0]
     with pytest.raises(LinkInvalid, match="not valid"):
         oauth.read_state(state[:-2] + "xx", now=clock())
@@ -173,9 +175,11 @@ def test_oauth_state_is_signed_expires_and_binds_the_verifier(session, staff, te
         oauth.read_state(state, now=clock() + timedelta(minutes=16))
     assert oauth.read_state(state, now=clock())["b"] == f"app_user:{user.id}"
     # a code obtained for another state (another PKCE challenge) fails the verifier check at the CRM
-    other = oauth.begin_authorization(account=acc, binding=f"app_user:{user.id}")
+    other = oauth.begin_authorization(
+        account=acc, url_policy=sandbox.url_policy(), binding=f"app_user:{user.id}")
     code = _approve(sandbox, other, "ben@tinyco.example", "Demo-Ben-2026")["code"]
-    fresh = oauth.begin_authorization(account=acc, binding=f"app_user:{user.id}")
+    fresh = oauth.begin_authorization(
+        account=acc, url_policy=sandbox.url_policy(), binding=f"app_user:{user.id}")
     fresh_state = parse_qs(urlsplit(fresh).query)["state"][0]
     from core.errors import AuthenticationFailed
 
