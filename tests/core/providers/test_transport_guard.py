@@ -19,7 +19,6 @@ from typing import Any
 
 import httpcore
 import pytest
-import requests
 
 from core.errors import ConfigurationError, InvalidInput, MalformedResponse, ProviderError
 from core.providers import service
@@ -432,7 +431,6 @@ def test_a_connection_test_against_a_hostile_server_fails_cleanly(hostile):
 def test_errors_are_provider_errors_the_console_can_show():
     assert issubclass(ResponseTooLarge, MalformedResponse) and issubclass(CallDeadlineExceeded, ProviderError)
     assert issubclass(CrmUrlRefused, ProviderError)
-    assert requests  # the requests path is exercised above through HttpTransport.session()
 
 
 # -- the connect link: the user sees where the password goes, and a planted host gets nothing ---------
