@@ -124,6 +124,7 @@ def complete_reset(session: Session, *, token: str, password: str, now: datetime
     account.failed_attempts = 0
     account.locked_until = None
     session.add(account)
+    auth.clear_source_locks(session, account.id)  # type: ignore[arg-type]
     ended = auth.revoke_sessions(session, account_id=account.id, now=now)  # type: ignore[arg-type]
     record_event(session, principal=account.email, action="console_account.password_reset",
                  tenant_id=account.tenant_id, target=f"console_account:{account.id}",
