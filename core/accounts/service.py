@@ -17,7 +17,7 @@ from core.alerts.channels import SmtpConfig, send_email
 from core.clock import utcnow
 from core.errors import AccessDenied, DeliveryFailed, NotFound
 from core.tenants import auth
-from core.tenants.access import Principal
+from core.tenants.access import NOT_IN_SCOPE, Principal
 from core.tenants.audit import record_event
 from core.tenants.models import ConsoleAccount, Tenant
 
@@ -154,7 +154,7 @@ def _get_in_scope(session: Session, principal: Principal, account_id: int) -> Co
     account = session.get(ConsoleAccount, account_id)
     if account is None or not (principal.is_staff or (principal.is_tenant_admin and account.tenant_id is not None
                                                       and account.tenant_id == principal.tenant_id)):
-        raise NotFound("No such console account in your scope.")
+        raise NotFound(NOT_IN_SCOPE)
     return account
 
 

@@ -82,6 +82,9 @@ def tenant_scope(principal: Principal) -> int | None:
 
 
 OFFBOARDED_CODE = "tenant_offboarded"
+# One wording whenever a console account is missing or outside the principal's scope, so an admin
+# cannot tell another tenant's account (or staff's) from no account at all.
+NOT_IN_SCOPE = "No such console account in your scope."
 
 
 def offboarded_message(tenant_name: str, what: str) -> str:

@@ -29,9 +29,15 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlmodel import Session, select
 
 from core.clock import utcnow
-from core.errors import AccessDenied, Conflict, InvalidInput, SessionInvalid, SignInFailed
+from core.errors import Conflict, InvalidInput, NotFound, SessionInvalid, SignInFailed
 from core.settings import get_settings
-from core.tenants.access import Principal, offboarded_message, require_not_offboarded, require_staff
+from core.tenants.access import (
+    NOT_IN_SCOPE,
+    Principal,
+    offboarded_message,
+    require_not_offboarded,
+    require_staff,
+)
 from core.tenants.audit import record_event
 from core.tenants.models import (
     ConsoleAccount,
@@ -352,11 +358,11 @@ def set_account_disabled(
     """Disable (ending every session at once) or re-enable a console account."""
     account = session.get(ConsoleAccount, account_id)
     if account is None:
-        raise AccessDenied("No such console account in your scope.")
+        raise NotFound(NOT_IN_SCOPE)
     if not principal.is_staff and not (
         principal.is_tenant_admin and account.tenant_id == principal.tenant_id
     ):
-        raise AccessDenied("You can only manage console accounts of your own tenant.")
+        raise NotFound(NOT_IN_SCOPE)  # the same words as for no account: ids of other tenants stay unknown
     if account.id == principal.account_id and disabled:
         raise InvalidInput("You cannot disable your own account: ask another admin.")
     account.disabled = disabled
