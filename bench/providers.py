@@ -23,6 +23,11 @@ records/s is the sample's.
 Run: .venv/bin/python bench/providers.py [--quick] [--naive-budget S]. Finishes within 20 minutes (at most
 about 3 x the budget plus a minute). The last line is
 ``RESULT salesforce_call_ratio=X dynamics_call_ratio=Y hubspot_call_ratio=Z``.
+
+Fallbacks are measured apart (``FALLBACK …`` lines, before the result): calls a provider spends beyond one
+per batch when the vendor refuses part of the work the documented way — a HubSpot batch of 100 with one
+invalid record (HubSpot fails the whole batch with HTTP 400), and a HubSpot connection test where the
+2026-03 token introspection endpoint is missing (the deprecated v1 token info is the fallback).
 """
 
 from __future__ import annotations
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         sandbox = start_sandbox(Path(tmp) / "tls")
         try:
             ratios = run_all(sandbox, quick=args.quick, budget=args.naive_budget)
+            hubspot_fallbacks(sandbox)
         finally:
             sandbox.http.close()
             sandbox.process.terminate()
@@ -231,7 +237,88 @@ def run_all(sandbox: SandboxHandle, *, quick: bool, budget: float) -> dict[str, 
               f"{math.ceil(n / v.default_page):,} reads of {v.default_page}), "
               f"{2 * naive_n / naive.seconds:,.0f} records/s; logins/token fetches: {naive.auth_calls}{sample}")
         print(f"   ratio: ours / minimum = {ratio:.2f}; naive / ours = {naive_calls_n / ours.calls:,.1f}x\n")
+        if v.key == "dynamics":
+            dynamics_fallbacks(sandbox, v, n, tag)
     return ratios
+
+
+def _behaviour(sandbox: SandboxHandle, **body: object) -> None:
+    sandbox.http.post("/_sandbox/dynamics/dynco/behaviour", json=body).raise_for_status()
+
+
+def dynamics_fallbacks(sandbox: SandboxHandle, v: Vendor, n: int, tag: str) -> None:
+    """The calls Dynamics fallbacks cost, apart from the ratio (which is counted on the bulk path):
+
+    - a table without UpsertMultiple (0x80040800): one refused UpsertMultiple, then a $batch of single
+      upserts per 1,000 (the same cap), so push + pull stays at the minimum plus that one refusal;
+    - $batch per-part impersonation ignored: a chunk mixing actors is one $batch whose answer shows no
+      createdonbehalfby, then one request per actor; later mixed chunks go per actor directly.
+    """
+    print("   fallbacks (each on the sandbox's matching mode, counted apart from the ratio):")
+    _behaviour(sandbox, unsupported_messages=["UpsertMultiple"])
+    try:
+        p = dynamics(sandbox, False)
+        run = measure(p, n, f"{v.key}-{tag}-nobulk", v.stage)
+        spent = getattr(p, "fallback_calls", {})
+        print(f"   - table without UpsertMultiple: {run.calls} calls for N = {n:,} ({run.push_calls} push + "
+              f"{run.pull_calls} pull; minimum {v.minimum(n)}); calls spent in the fallback: "
+              f"{sum(spent.values())} {spent}")
+    finally:
+        _behaviour(sandbox, unsupported_messages=[])
+    actors = ["5d0c1e6a-0000-4000-8000-000000000001", "5d0c1e6a-0000-4000-8000-000000000002",
+              "5d0c1e6a-0000-4000-8000-000000000003"]
+    per_actor = 300  # three actors' remainders under 1,000 share one mixed chunk
+    mixed = [OpportunityChange(idempotency_key=f"{v.key}-{tag}-imp-{a[-1]}-{i:04d}",
+                               fields={"name": f"Bench impersonation {i}", "stage": v.stage},
+                               act_as_crm_user_id=a) for a in actors for i in range(per_actor)]
+    for mode in ("honoured", "ignored"):
+        _behaviour(sandbox, batch_part_impersonation=mode)
+        try:
+            p = dynamics(sandbox, False)
+            keys = [f"{c.idempotency_key}-{mode}" for c in mixed]
+            results = p.push_opportunities([OpportunityChange(k, c.fields, act_as_crm_user_id=c.act_as_crm_user_id)
+                                            for k, c in zip(keys, mixed, strict=True)])
+            if not all(r.ok for r in results):
+                raise SystemExit(f"dynamics impersonation ({mode}): {sum(not r.ok for r in results)} records failed")
+            spent = getattr(p, "fallback_calls", {})
+            paths = sorted({r.write_path or "" for r in results})
+            print(f"   - {len(mixed)} records of {len(actors)} actors in one chunk, per-part impersonation {mode}: "
+                  f"{p.calls_made} calls (1 user lookup + writes); calls spent in the fallback: "
+                  f"{sum(spent.values())} {spent}; written via {', '.join(paths)}")
+        finally:
+            _behaviour(sandbox, batch_part_impersonation="honoured")
+    print()
+
+
+def hubspot_fallbacks(sandbox: SandboxHandle) -> None:
+    """Calls spent in HubSpot's fallbacks, counted apart from the ratios."""
+    tag = uuid.uuid4().hex[:6]
+    provider = hubspot(sandbox, False)
+    assert isinstance(provider, HubSpotProvider)
+    batch = changes(100, f"hubspot-{tag}-fallback", "appointmentscheduled")
+    batch[41] = OpportunityChange(batch[41].idempotency_key, {**batch[41].fields, "stage": "no-such-stage"})
+    results = provider.push_opportunities(batch)
+    failed = [r.idempotency_key for r in results if not r.ok]
+    if failed != [batch[41].idempotency_key]:
+        raise SystemExit(f"hubspot fallback: expected only the invalid record to fail, got {failed[:3]}")
+    print("== Fallbacks (not in the ratios)")
+    print(f"   HubSpot batch of 100 with 1 invalid record: {provider.calls_made} calls "
+          f"(1 refused with HTTP 400 + {provider.fallback_calls_made} retry of the 99 valid), 99 written, "
+          "1 failed with its own error")
+    print(f"FALLBACK hubspot_invalid_record_batch_calls={provider.calls_made} "
+          f"hubspot_invalid_record_fallback_calls={provider.fallback_calls_made}")
+    sandbox.http.post("/_sandbox/hubspot/oauth", json={"introspect": False}).raise_for_status()
+    try:
+        probe = hubspot(sandbox, False)
+        assert isinstance(probe, HubSpotProvider)
+        report = probe.test_connection()
+        if not report.ok:
+            raise SystemExit(f"hubspot fallback: connection test failed at {report.failed_step}")
+        print(f"   HubSpot connection test without the 2026-03 introspection endpoint: "
+              f"{probe.fallback_calls_made} fallback call (v1 token info)")
+        print(f"FALLBACK hubspot_introspection_fallback_calls={probe.fallback_calls_made}")
+    finally:
+        sandbox.http.post("/_sandbox/hubspot/oauth", json={"introspect": True}).raise_for_status()
 
 
 if __name__ == "__main__":
