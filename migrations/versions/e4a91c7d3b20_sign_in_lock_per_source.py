@@ -1,8 +1,8 @@
 """Sign-in locks per (console account, client address) with backoff, instead of one lock per account
 (five wrong passwords from anywhere used to lock the holder out everywhere).
 
-Revision ID: b7e3c1d9a2f4
-Revises: 5d2e7a9c4b10
+Revision ID: e4a91c7d3b20
+Revises: b7e3c1d9a2f4
 Create Date: 2026-12-04 15:20:00
 """
 from typing import Sequence, Union
@@ -11,8 +11,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision: str = 'b7e3c1d9a2f4'
-down_revision: Union[str, Sequence[str], None] = '5d2e7a9c4b10'
+revision: str = 'e4a91c7d3b20'
+down_revision: Union[str, Sequence[str], None] = 'b7e3c1d9a2f4'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
