@@ -51,7 +51,7 @@ ProviderFactory = Callable[..., Provider]
 def default_transport() -> HttpTransport:
     """The HTTP seam for console and workers: trusts the sandbox CA when one is configured."""
     s = get_settings()
-    return HttpTransport(verify=str(s.sandbox_ca_file) if s.sandbox_ca_file else True)
+    return HttpTransport(verify=s.sandbox_verify())
 
 
 def account_config(account: CrmAccount) -> AccountConfig:
