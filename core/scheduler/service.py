@@ -116,8 +116,8 @@ def claim(engine: Engine, *, job: str, interval_seconds: int, owner: str, now: d
 def renew(engine: Engine, c: Claim, *, now: datetime) -> bool:
     """Extend the lease while the job runs; False when another scheduler took it over meanwhile."""
     with Session(engine) as s:
-        n = s.connection().execute(update(PeriodicJob).where(col(PeriodicJob.name) == c.job, col(PeriodicJob.lease_token) == c.token)
-                      .values(lease_expires_at=now + c.lease).execution_options(synchronize_session=False)).rowcount
+        mine = and_(col(PeriodicJob.name) == c.job, col(PeriodicJob.lease_token) == c.token)
+        n = s.connection().execute(update(PeriodicJob).where(mine).values(lease_expires_at=now + c.lease)).rowcount
         s.commit()
     return n == 1
 
