@@ -101,7 +101,8 @@ def test_a_worker_typed_by_hand_in_demo_mode_reaches_the_sandbox(
         s.flush()
         vault.put(s, principal=Principal.system("test"), tenant_id=t.id, purpose="crm-login",  # type: ignore[arg-type]
                   crm_account_id=acc.id, kind="client_secret",
-                  secret=json.dumps({"client_id": "newco-integration", "client_secret": "demo-newco-integration-secret"}))
+                  secret=json.dumps({"client_id": "newco-integration",
+                                     "client_secret": "demo-newco-integration-secret"}))
         s.commit()
     env = hand_env(CRMBRIDGE_DEMO="1", CRMBRIDGE_DATABASE_URL=url,
                    CRMBRIDGE_VAULT_KEYS=ring_json({TEST_KEK_ID: TEST_KEK}, TEST_KEK_ID),

@@ -200,8 +200,8 @@ def test_status_says_when_each_job_last_ran_and_whether_it_is_late() -> None:
 
     def status(started: datetime | None, outcome: str = "success", interval: int = 300) -> service.JobStatus:
         r = PeriodicJob(name="j", last_started_at=started, last_finished_at=started, last_outcome=outcome)
-        return service.job_status(None if started is None else r, name="j", title="J", what="", interval_seconds=interval,
-                                  now=now)
+        return service.job_status(None if started is None else r, name="j", title="J", what="",
+                                  interval_seconds=interval, now=now)
 
     assert status(None).status == "never ran" and status(None).late
     assert status(now - timedelta(seconds=100)).status == "on time"
