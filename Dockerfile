@@ -9,12 +9,16 @@ FROM python:3.12-slim-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential pkg-config libxml2-dev libxmlsec1-dev libxmlsec1-openssl \
  && rm -rf /var/lib/apt/lists/*
+# Exactly uv.lock (hashes checked, nothing re-resolved), as `make` installs it; uv pinned as in the Makefile.
+RUN pip install --no-cache-dir "uv==0.13.9"
+ENV UV_PROJECT_ENVIRONMENT=/opt/venv UV_PYTHON_DOWNLOADS=never UV_COMPILE_BYTECODE=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml uv.lock README.md ./
 COPY core ./core
 COPY sandbox ./sandbox
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/venv/bin/pip install --no-cache-dir .
+# Editable on purpose: the project runs from /app (migrations/, alembic.ini, server.py, pages/ live there),
+# and the `crmbridge` command imports the same /app/core.
+RUN uv sync --frozen --no-cache --python /usr/local/bin/python
 
 FROM python:3.12-slim-bookworm
 RUN apt-get update \
