@@ -37,6 +37,7 @@ class JobSpec:
     what: str
     setting: str  # the Settings field holding the interval in seconds (CRMBRIDGE_<SETTING>)
     run: Callable[[Engine, datetime], str]
+    quiet: bool = False  # frequent: a run that found nothing to do is logged at DEBUG only
 
 
 def _sync_schedule(engine: Engine, now: datetime) -> str:
@@ -111,7 +112,7 @@ JOBS: tuple[JobSpec, ...] = (
     JobSpec("sync-schedule", "Sync schedule", "Creates, disables and re-enables sync jobs to match the tenants, "
             "accounts and users; wakes jobs whose credential came back.", "schedule_sync_seconds", _sync_schedule),
     JobSpec("sync-wake", "Reconnect wake-up", "Wakes the sync jobs of users who just reconnected.",
-            "schedule_sync_wake_seconds", _sync_wake),
+            "schedule_sync_wake_seconds", _sync_wake, quiet=True),
     JobSpec("vault-sweep", "Vault sweep", "Destroys expired and idle credentials.", "schedule_vault_sweep_seconds",
             _vault_sweep),
     JobSpec("alerts-run", "Alerts", "Evaluates the alert rules; delivers and retries email and webhooks.",

@@ -81,7 +81,7 @@ class Scheduler:
                           now=self.clock(), lease=self.lease)
         if c is None:
             return None
-        log.info("scheduler %s: %s started (window %s)", self.name, spec.name, f"{c.window_start:%Y-%m-%d %H:%M:%S}")
+        log.debug("scheduler %s: %s started (window %s)", self.name, spec.name, f"{c.window_start:%Y-%m-%d %H:%M:%S}")
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(c, done), name=f"lease-{spec.name}", daemon=True)
         beat.start()
@@ -99,8 +99,9 @@ class Scheduler:
                            error=record.error)
         except Exception:  # noqa: BLE001 - the lease lapses and the next window runs it again
             log.exception("scheduler %s: could not record the end of %s", self.name, spec.name)
-        log.info("scheduler %s: %s %s%s", self.name, spec.name, record.outcome.value,
-                 f": {record.summary or record.error}" if (record.summary or record.error) else "")
+        idle = spec.quiet and record.outcome == Outcome.success and (record.summary or "").startswith("0 ")
+        log.log(logging.DEBUG if idle else logging.INFO, "scheduler %s: %s %s%s", self.name, spec.name,
+                record.outcome.value, f": {record.summary or record.error}" if (record.summary or record.error) else "")
         if self.on_run is not None:
             self.on_run(record)
         return record
