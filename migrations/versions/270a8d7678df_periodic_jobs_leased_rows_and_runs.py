@@ -3,7 +3,7 @@ number of schedulers, and the history of their runs (``periodic_run``). Self-con
 types, no application import.
 
 Revision ID: 270a8d7678df
-Revises: 5d2e7a9c4b10
+Revises: b7e3c1d9a2f4
 Create Date: 2026-12-04 15:21:06.452788
 """
 from typing import Sequence, Union
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 
 revision: str = '270a8d7678df'
-down_revision: Union[str, Sequence[str], None] = '5d2e7a9c4b10'
+down_revision: Union[str, Sequence[str], None] = 'b7e3c1d9a2f4'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 

@@ -263,9 +263,11 @@ def test_two_consoles_two_workers_two_schedulers_on_one_postgres(topology: Topol
                                                 "next": creds_path})
         assert signed.status_code == 303 and signed.headers["location"] == creds_path, signed.text[:1000]
         cookies = dict(on_a.cookies)
-    with httpx.Client(base_url=b, timeout=30) as stranger:
+    # B sits behind the same proxy: the proxy passes the public Host (the console refuses any other)
+    public_host = {"Host": f"127.0.0.1:{port_a}"}
+    with httpx.Client(base_url=b, timeout=30, headers=public_host) as stranger:
         assert stranger.get(creds_path).status_code == 303  # B does check the session: no cookie, no page
-    on_b = httpx.Client(base_url=b, timeout=60, cookies=cookies)
+    on_b = httpx.Client(base_url=b, timeout=60, cookies=cookies, headers=public_host)
     page = on_b.get(creds_path)
     assert page.status_code == 200 and "Credentials for NewCo Salesforce" in page.text, page.text[:1000]
 
