@@ -83,7 +83,8 @@ def _ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
-async def call_asgi(app: Any, path: str, body: bytes, *, request_id: str = "", n: int = 0) -> tuple[int, dict[str, str]]:
+async def call_asgi(app: Any, path: str, body: bytes, *, request_id: str = "",
+                    n: int = 0) -> tuple[int, dict[str, str]]:
     """POST ``body`` to ``path`` through the ASGI app, in-process (what uvicorn hands the app), from the
     browser that started ``request_id`` (its login-CSRF binding cookie), as the ``n``-th of a company's
     employees (each from their own address: the ACS limits posts per address)."""
