@@ -14,7 +14,7 @@ core.tenants.audit.head_key / head_mac / chain_term / seal_mac (label strings in
 without the other.
 
 Revision ID: b7c3e1f0a9d2
-Revises: b7e3c1d9a2f4
+Revises: e4a91c7d3b20
 Create Date: 2026-12-04 15:30:00
 """
 import base64
@@ -31,7 +31,7 @@ import sqlmodel
 
 
 revision: str = 'b7c3e1f0a9d2'
-down_revision: Union[str, Sequence[str], None] = 'b7e3c1d9a2f4'
+down_revision: Union[str, Sequence[str], None] = 'e4a91c7d3b20'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
