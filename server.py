@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from pathlib import Path
 
 import streamlit as st
@@ -53,6 +54,26 @@ def startup_checks() -> None:
     sweep_on_start(get_engine())
 
 
+def start_or_explain() -> None:
+    """``startup_checks``, with a refusal told in one clear line (exit 1) instead of a traceback."""
+    from sqlalchemy.exc import DBAPIError
+
+    from core.db import corrupt_database_message
+    from core.errors import CrmBridgeError
+
+    try:
+        startup_checks()
+    except CrmBridgeError as exc:
+        sys.stderr.write(f"error: the CRM Bridge console refuses to start: {exc}\n")
+        raise SystemExit(1) from None
+    except DBAPIError as exc:
+        message = corrupt_database_message(exc)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: the CRM Bridge console refuses to start: {message}\n")
+        raise SystemExit(1) from None
+
+
 # Streamlit runs any file in pages/ by its address, without dashboard.py's sign-in gate, until some
 # session calls st.navigation (its "pages directory" mode, set per process at the first session). Our
 # pages are only ever reached through dashboard.py's st.navigation: turn that mode off before any session.
@@ -64,7 +85,7 @@ app = st.App(str(HERE / "dashboard.py"), routes=collect_routes(), middleware=mid
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = get_settings()
-    startup_checks()
+    start_or_explain()
     app.run(config={
         "server.port": s.port,
         "server.address": s.bind_address,

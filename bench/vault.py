@@ -3,7 +3,8 @@
 use_ratio    = median ``use()`` time / median time of the same work written by hand with DB-API SQL
                through the same driver (sqlite3) in the same run: select the credential with its tenant
                key, refuse it if expired, idle, not active or another tenant's, unwrap the key, AES-GCM
-               decrypt, update last use, append the same audit row with the same HMAC, commit.
+               decrypt, update last use, append the same audit row with the same HMAC, update the
+               head with its MAC, commit.
                Target <= 1.3. Each side works on its own copy of the same database file (so neither
                connection's page cache is flushed by the other's writes) and calls alternate one by
                one, so load from other processes hits both alike. Wall-clock medians give the ratio;
@@ -43,7 +44,7 @@ from sqlmodel import Session, SQLModel  # noqa: E402
 import core.models  # noqa: E402,F401
 from core.db import make_engine  # noqa: E402
 from core.tenants.access import Principal  # noqa: E402
-from core.tenants.audit import audit_key, verify_chain  # noqa: E402
+from core.tenants.audit import audit_key, head_key, verify_chain  # noqa: E402
 from core.tenants.models import AppUser, CrmAccount, Tenant  # noqa: E402
 from core.vault import keys, service  # noqa: E402
 from core.vault.crypto import credential_aad, new_dek, seal, wrap_dek  # noqa: E402
@@ -102,6 +103,7 @@ class HandWritten:
         for p in PRAGMAS:
             self.conn.execute(p)
         self.key = audit_key()
+        self.head_key = head_key()
         self.ring = keys.current_ring()
 
     def use(self, cid: int, now: datetime) -> str:
@@ -142,7 +144,10 @@ class HandWritten:
                   " details, via, prev_hmac, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   (chain, seq + 1, at, tenant_id, SYSTEM.email, SYSTEM.role, "vault.credential.use",
                    f"credential:{cid}", details, None, prev, mac))
-        c.execute("UPDATE audit_head SET seq = ?, last_hmac = ? WHERE chain = ?", (seq + 1, mac, chain))
+        # the head's MAC, as core.tenants.audit.head_mac
+        head_mac = hmac.new(self.head_key, f"head|{chain}|{seq + 1}|{mac}".encode(), hashlib.sha256).hexdigest()
+        c.execute("UPDATE audit_head SET seq = ?, last_hmac = ?, mac = ? WHERE chain = ?",
+                  (seq + 1, mac, head_mac, chain))
         c.execute("COMMIT")
         return plaintext.decode()
 

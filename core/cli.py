@@ -76,17 +76,50 @@ def cmd_account_create(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from core.db import session_scope
-    from core.tenants.audit import verify_chain
+    from core.tenants.audit import read_checkpoint, seal_legacy, verify_chain, verify_checkpoint
+
+    line = None
+    if args.checkpoint:
+        source = Path(args.checkpoint)
+        text = args.checkpoint
+        if not args.checkpoint.lstrip().startswith("crmbridge-audit-checkpoint") and source.is_file():
+            text = source.read_text()
+        line = read_checkpoint(text)
+    with session_scope() as s:
+        problems = verify_chain(s)
+        if line is not None:
+            problems += verify_checkpoint(s, line)
+        legacy = [p for p in problems if p.legacy]
+        if args.seal_legacy and legacy and len(legacy) == len(problems):
+            n = seal_legacy(s)
+            _out(f"sealed {n} chain head(s) written before head MACs; from now on truncating or deleting a "
+                 "chain is detected")
+            problems = []
+    if problems:
+        for p in problems:
+            _out(f"{'UNSEALED' if p.legacy else 'TAMPERED'} {p}")
+        _out(f"audit log: {len(problems)} problem(s) found")
+        return 1
+    _out("audit log intact" + (" (and not rolled back behind the checkpoint)" if line else ""))
+    return 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from core.db import session_scope
+    from core.tenants.audit import make_checkpoint, verify_chain
 
     with session_scope() as s:
         problems = verify_chain(s)
-    if problems:
-        for p in problems:
-            _out(f"TAMPERED {p}")
-        _out(f"audit log: {len(problems)} problem(s) found")
-        return 1
-    _out("audit log intact")
+        if problems:
+            for p in problems:
+                _out(f"{'UNSEALED' if p.legacy else 'TAMPERED'} {p}")
+            sys.stderr.write("error: the audit log does not verify, so no checkpoint was made: investigate "
+                             "the problems above (restore the database from a backup if rows were lost).\n")
+            return 1
+        _out(make_checkpoint(s))
     return 0
 
 
@@ -116,8 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     ac.set_defaults(func=cmd_account_create)
 
     audit = sub.add_parser("audit", help="audit log").add_subparsers(dest="audit_command", required=True)
-    av = audit.add_parser("verify", help="check the HMAC chain; exit 1 and name each tampered row")
+    av = audit.add_parser("verify", help="check the HMAC chains, their sealed heads and the global seal; "
+                          "exit 1 and name each problem")
+    av.add_argument("--checkpoint", metavar="LINE_OR_FILE",
+                    help="also report any rollback behind this checkpoint (the line, or a file holding it)")
+    av.add_argument("--seal-legacy", action="store_true",
+                    help="seal a log written before head MACs existed, when nothing else is wrong")
     av.set_defaults(func=cmd_audit_verify)
+    ac = audit.add_parser("checkpoint", help="print one signed line (every chain's length and a digest) "
+                          "to keep outside the database")
+    ac.set_defaults(func=cmd_audit_checkpoint)
 
     for name in PACKAGE_CLIS:
         mod = importlib.import_module(name)
@@ -131,8 +172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from sqlalchemy.exc import DBAPIError
+
+    from core.db import corrupt_database_message
+
     try:
         return int(args.func(args) or 0)
     except CrmBridgeError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 1
+    except DBAPIError as exc:
+        message = corrupt_database_message(exc, getattr(args, "url", None))
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
         return 1

@@ -6,6 +6,8 @@ SQLite runs with WAL, a busy timeout (the console and a worker write together), 
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
@@ -30,8 +32,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         if memory:
             kwargs["poolclass"] = StaticPool
         else:
-            path = url.split("///", 1)[-1]
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite_file(Path(url.split("///", 1)[-1].split("?", 1)[0]))
         engine = create_engine(url, echo=echo, **kwargs)
 
         @event.listens_for(engine, "connect")
@@ -58,6 +59,47 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the SQLite file readable by its owner only (0600) before SQLite opens it — SQLite gives
+    its -wal and -shm files the database file's mode — and tighten a file an older version left
+    readable by others (it holds wrapped keys, ciphertexts, session hashes and the audit log)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            try:
+                mode = stat.S_IMODE(p.stat().st_mode)
+                if mode & 0o077:
+                    p.chmod(mode & 0o700)
+            except (FileNotFoundError, PermissionError):
+                pass  # not there, or not ours: SQLite reports what matters when it opens it
+
+
+_CORRUPT = ("file is not a database", "database disk image is malformed", "malformed database schema")
+
+
+def corrupt_database_message(exc: BaseException, url: str | None = None) -> str | None:
+    """For an error that says the database file is damaged, the message an operator needs: which
+    file, that nothing was changed, and how to restore it. None for any other error."""
+    raw = str(getattr(exc, "orig", None) or exc).strip()
+    text = raw.splitlines()[0] if raw else ""
+    if not any(marker in text.lower() for marker in _CORRUPT):
+        return None
+    url = url or get_settings().database_url
+    if url.startswith("sqlite"):
+        where = url.split("///", 1)[-1].split("?", 1)[0]
+        aside = f"move it aside for analysis (mv {where} {where}.corrupt, and its -wal and -shm files), "
+    else:
+        where = "the PostgreSQL database"
+        aside = ""
+    return (
+        f"The database file {where} is corrupt ({text}); nothing was changed. Stop the console and the "
+        f"sync workers, {aside}restore your latest backup in its place, then run `crmbridge db upgrade` and "
+        "`crmbridge audit verify --checkpoint <your last checkpoint>` to see what the backup lacks."
+    )
 
 
 @lru_cache(maxsize=4)
@@ -133,6 +175,9 @@ def describe_db_failure(exc: BaseException) -> str | None:
         err = err.__cause__ or err.__context__
     if not isinstance(err, DBAPIError):
         return None
+    corrupt = corrupt_database_message(err)
+    if corrupt is not None:
+        return corrupt
     text = str(err.orig or err).lower()
     for needles, what, fix in _DB_FAILURES:
         if any(n in text for n in needles):

@@ -85,6 +85,10 @@ def load_scenario(session: Session, scenario: dict[str, Any], *, sandbox_url: st
 
 def load_demo(*, reset: bool = False, only_if_empty: bool = False, path: Path | None = None) -> str:
     engine = get_engine()
+    if not reset:  # a reset deletes every credential anyway (and the keys' check values with them)
+        from core.vault.service import require_keys_at_start
+
+        require_keys_at_start(engine, process="crmbridge demo load")
     with session_scope(engine) as s:
         has = s.exec(select(func.count()).select_from(Tenant)).one()
         if has and only_if_empty:
@@ -92,7 +96,7 @@ def load_demo(*, reset: bool = False, only_if_empty: bool = False, path: Path | 
         if has and not reset:
             return "demo: the database already has tenants; use --reset to replace them"
         if reset:
-            _reset(s)
+            _reset(s)  # every row goes, the vault's key check values with them: today's ring is registered
         scenario = read_scenario(path)
         slugs = load_scenario(s, scenario)
         now = utcnow()

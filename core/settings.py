@@ -175,10 +175,12 @@ class Settings(BaseSettings):
             )
         path = self.secret_key_file
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(32))
+        elif path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # an older version left it readable by others: it signs sessions and the audit log
         return base64.urlsafe_b64decode(path.read_text().strip() + "==")
 
 

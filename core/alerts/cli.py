@@ -22,7 +22,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from core.alerts.service import run_alerts
     from core.db import session_scope
     from core.tenants.access import Principal
+    from core.vault.service import require_keys_at_start
 
+    require_keys_at_start(process="crmbridge alerts run")
     with session_scope() as s:
         r = run_alerts(session=s, principal=Principal.system("cli"), deliver=not args.no_deliver)
     _out(f"alerts: {r.observations} observation(s), {len(r.notices)} notice(s)"
@@ -39,7 +41,9 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     from core.alerts.engine import deliver_due
     from core.clock import utcnow
     from core.db import session_scope
+    from core.vault.service import require_keys_at_start
 
+    require_keys_at_start(process="crmbridge alerts deliver")
     with session_scope() as s:
         rep = deliver_due(s, now=utcnow())
     _out(f"deliveries: {rep.sent} sent, {rep.retrying} retrying, {rep.failed} failed")
@@ -50,7 +54,9 @@ def cmd_digest(args: argparse.Namespace) -> int:
     from core.alerts.service import send_staff_digest
     from core.db import session_scope
     from core.tenants.access import Principal
+    from core.vault.service import require_keys_at_start
 
+    require_keys_at_start(process="crmbridge alerts digest")
     with session_scope() as s:
         digest = send_staff_digest(session=s, principal=Principal.system("cli"))
     _out(digest.title if digest else "digest: nothing new since the last one")

@@ -26,6 +26,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from core.sync.engine import SyncConfig, SyncEngine
     from core.sync.worker import run_worker
 
+    # run_worker checks the vault's key ring before it reads any credential.
     settings = get_settings()
     engine = get_engine()
     sync_engine = SyncEngine(engine, config=SyncConfig(lease=timedelta(seconds=settings.sync_lease_seconds)))
@@ -39,7 +40,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from core.clock import utcnow
     from core.db import get_engine
     from core.sync.scheduler import run_scheduler
+    from core.vault.service import require_keys_at_start
 
+    require_keys_at_start(get_engine(), process="crmbridge sync schedule")
     result = run_scheduler(get_engine(), now=utcnow(), sweep=not args.no_sweep)
     _out(f"sync schedule: {result}")
     return 0

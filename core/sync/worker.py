@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from core.clock import Clock, utcnow
-from core.sync.engine import RunResult, SyncEngine, worker_name
+from core.sync.engine import RunResult, SyncEngine, VaultCredentials, worker_name
 from core.sync.jobs import is_postgres
 
 log = logging.getLogger("crmbridge.sync.worker")
@@ -74,10 +74,16 @@ def run_worker(
         log.warning("sync worker: SQLite has one writer at a time; running with concurrency 1, not %d "
                     "(use PostgreSQL to scale out)", concurrency)
         concurrency = 1
+    base = name or worker_name()
     sync_engine = sync_engine or SyncEngine(engine, clock=clock)
+    if schedule or isinstance(sync_engine.credentials, VaultCredentials):
+        # Before any credential is read (or swept): a worker on the wrong vault key would take every
+        # decrypt failure for tampering. Raises (exit non-zero from the CLI) and changes nothing.
+        from core.vault.service import require_keys_at_start
+
+        require_keys_at_start(engine, process=f"sync worker {base}", now=clock())
     stop = stop or threading.Event()
     stats = WorkerStats()
-    base = name or worker_name()
     if schedule:
         _schedule(engine, clock)
     last_schedule = time.monotonic()

@@ -203,13 +203,30 @@ class AuditEvent(SQLModel, table=True):
 
 
 class AuditHead(SQLModel, table=True):
-    """Per-chain head (sequence, last HMAC), updated under a row lock with every append."""
+    """Per-chain head (sequence, last HMAC), updated under a row lock with every append. ``mac``
+    seals (chain, seq, last HMAC) with a key derived from the server secret, so a head rewritten
+    to match a truncated chain is detected; None only for heads written before head MACs existed."""
 
     __tablename__ = "audit_head"
 
     chain: str = Field(primary_key=True, max_length=40)
     seq: int = Field(default=0)
     last_hmac: str = Field(default="", max_length=64)
+    mac: str | None = Field(default=None, max_length=64)
+
+
+class AuditSeal(SQLModel, table=True):
+    """The global head: one row (id 1) over every chain head — how many chains there are and a
+    digest of their names — sealed with the server secret, and updated once per chain (when it is
+    created). Deleting a whole chain with its head, or wiping every head, no longer matches it.
+    See core.tenants.audit."""
+
+    __tablename__ = "audit_seal"
+
+    id: int = Field(default=1, primary_key=True)
+    chains: int = Field(default=0)
+    digest: str = Field(default="", max_length=64)
+    mac: str = Field(default="", max_length=64)
 
 
 class HealthProbe(SQLModel, table=True):

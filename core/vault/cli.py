@@ -45,8 +45,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     now = utcnow()
+    service.require_keys_at_start(process="crmbridge vault sweep", now=now)
     with session_scope() as s:
-        service.check_keys(s, now=now)
         result = service.sweep(s, now=now, principal=CLI)
     _out(f"vault sweep: destroyed {result.expired} expired and {result.idle} idle credential(s)")
     return 0
@@ -56,6 +56,7 @@ def cmd_rotate_kek(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         _out(f"  re-wrapped {done} of {total} tenant key(s)")
 
+    service.require_keys_at_start(process="crmbridge vault rotate-kek")
     result = service.rotate_kek(principal=CLI, new_key=not args.no_new_key, batch_size=args.batch_size,
                                 progress=progress)
     made = "made new key " if result.new_key else "active key "

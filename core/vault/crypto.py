@@ -46,11 +46,27 @@ def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     return FORMAT + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
+def malformed(blob: object) -> str | None:
+    """Why a stored ciphertext cannot be one of ours at all (before any key is tried), or None.
+
+    A row damaged outside the vault — a text value where bytes belong, a cut-off copy — is told
+    apart from a well-formed ciphertext that fails authentication (which may be an attack)."""
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        return f"it is stored as {type(blob).__name__}, not bytes"
+    size = len(blob)
+    if size < 1 + NONCE_BYTES + TAG_BYTES:
+        return f"it is truncated ({size} bytes, at least {1 + NONCE_BYTES + TAG_BYTES} expected)"
+    if bytes(blob[:1]) != FORMAT:
+        return "it does not start with the vault's format byte"
+    return None
+
+
 def open_sealed(key: bytes, blob: bytes, aad: bytes, *, what: str = "credential") -> bytes:
-    """Decrypt and authenticate, or raise the one opaque ``CredentialInvalid``."""
-    blob = bytes(blob)
-    if len(blob) < 1 + NONCE_BYTES + TAG_BYTES or blob[:1] != FORMAT:
+    """Decrypt and authenticate, or raise the one opaque ``CredentialInvalid`` (also for a value
+    that is not bytes at all: nothing here crashes on a damaged row)."""
+    if malformed(blob) is not None:
         raise invalid(what)
+    blob = bytes(blob)
     try:
         return AESGCM(key).decrypt(blob[1:1 + NONCE_BYTES], blob[1 + NONCE_BYTES:], aad)
     except InvalidTag:

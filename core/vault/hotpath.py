@@ -3,9 +3,10 @@
 ``use()`` runs before every call to a CRM, so its cost is on every sync. It reads the credential with
 its tenant key and policy in one statement, records the last use, and appends the access event to the
 tenant's audit chain (the same row and HMAC ``core.tenants.audit.record_event`` would write, computed
-by that module's own ``compute_hmac``), then commits — all in one short transaction of its own on a
-DB-API connection of the engine. Through an ORM session the same work cost 3 to 15 times as much
-(session begin and commit alone cost more than the SQL); bench/vault.py holds this path to 1.3×
+by that module's own ``compute_hmac``, and the same head MAC, from its ``head_mac``),
+then commits — all in one short transaction of its own on a DB-API connection of the engine.
+Through an ORM session the same work cost 3 to 15 times as much (session begin and commit alone
+cost more than the SQL); bench/vault.py holds this path to 1.3×
 hand-written DB-API SQL.
 
 Owning the transaction also means: the access record is durable before the secret is released (a
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -31,10 +32,10 @@ from sqlalchemy.pool import StaticPool
 from core.errors import ConfigurationError, CredentialInvalid
 from core.settings import Settings, get_settings
 from core.tenants.access import Principal, can_access_tenant
-from core.tenants.audit import audit_key, chain_name, compute_hmac
+from core.tenants.audit import add_chain, audit_key, chain_name, compute_hmac, head_key, head_mac
 from core.tenants.models import AuditEvent
 from core.vault import keys
-from core.vault.crypto import credential_aad, open_sealed, unwrap_dek
+from core.vault.crypto import credential_aad, malformed, open_sealed, unwrap_dek
 from core.vault.models import CredentialState
 from core.vault.policy import DEFAULT_POLICY
 
@@ -50,13 +51,15 @@ _SELECT = (
     " LEFT JOIN vault_policy p ON p.tenant_id = c.tenant_id WHERE c.id = ?"
 )
 _UPDATE = "UPDATE vault_credential SET last_used_at = ?, use_count = use_count + 1 WHERE id = ?"
-_HEAD = "SELECT seq, last_hmac FROM audit_head WHERE chain = ?"
+_SEAL = "SELECT chains, digest FROM audit_seal WHERE id = 1"
+_HEAD = "SELECT seq, last_hmac, mac FROM audit_head WHERE chain = ?"
 _INSERT_EVENT = (
     "INSERT INTO audit_event (chain, seq, occurred_at, tenant_id, actor, actor_role, action, target, details, via,"
     " prev_hmac, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_UPDATE_HEAD = "UPDATE audit_head SET seq = ?, last_hmac = ? WHERE chain = ?"
-_INSERT_HEAD = "INSERT INTO audit_head (chain, seq, last_hmac) VALUES (?, ?, ?)"
+_UPDATE_HEAD = "UPDATE audit_head SET seq = ?, last_hmac = ?, mac = ? WHERE chain = ?"
+_INSERT_HEAD = "INSERT INTO audit_head (chain, seq, last_hmac, mac) VALUES (?, ?, ?, ?)"
+_UPDATE_SEAL = "UPDATE audit_seal SET chains = ?, digest = ?, mac = ? WHERE id = 1"
 
 
 def _from_db(value: Any) -> datetime | None:
@@ -86,6 +89,8 @@ class Found:
     raw_created_at: Any
     raw_failed_at: Any
     idle_days: int
+    kek_id: str = ""
+    raw_ciphertext: Any = field(default=None, repr=False)
 
     @property
     def expires_at(self) -> datetime | None:
@@ -106,7 +111,9 @@ class Found:
 @dataclass
 class Outcome:
     """``status``: "ok" (``plaintext`` and ``tenant_id`` set), or the refusal: "missing", "denied",
-    "failed", "invalid", "expired", "idle" or "tampered" (``found`` set unless missing)."""
+    "failed", "invalid", "expired", "idle", "dek" (the tenant's data key did not unwrap), "unreadable"
+    (the ciphertext is not a ciphertext: wrong type, truncated) or "tampered" (``found`` set unless
+    missing)."""
 
     status: str
     found: Found | None = None
@@ -116,7 +123,7 @@ class Outcome:
 
 def _found(credential_id: int, row: Any) -> Found:
     return Found(credential_id, row[0], row[1], row[2], row[3], row[4], row[5], row[7], row[8], row[9], row[10],
-                 row[11], row[15] or DEFAULT_POLICY.idle_days)
+                 row[11], row[15] or DEFAULT_POLICY.idle_days, row[12], row[6])
 
 
 class HotPath:
@@ -146,11 +153,14 @@ class HotPath:
         self.select = conv(_SELECT)
         self.update = conv(_UPDATE)
         self.head = conv(_HEAD) + ("" if self.sqlite else " FOR UPDATE")
+        self.seal = conv(_SEAL) + ("" if self.sqlite else " FOR UPDATE")
         self.insert_event = conv(_INSERT_EVENT)
         self.update_head = conv(_UPDATE_HEAD)
         self.insert_head = conv(_INSERT_HEAD)
+        self.update_seal = conv(_UPDATE_SEAL)
         self._settings: Settings | None = None
         self._audit_key = b""
+        self._head_key = b""
         self.keep = self.sqlite and not isinstance(engine.pool, StaticPool)
         self.idle: list[Any] = []
         if self.keep:
@@ -186,11 +196,15 @@ class HotPath:
                 try:
                     dek = unwrap_dek(keys.ring_with(kek_id).key(kek_id), row[13], tenant_id=tenant_id, kek_id=kek_id,
                                      dek_version=row[14])
-                    plaintext = open_sealed(dek, row[6], credential_aad(
-                        tenant_id=tenant_id, crm_account_id=row[1], app_user_id=row[2], purpose=row[3],
-                        credential_id=credential_id, version=row[5]))
                 except CredentialInvalid:
-                    status = "tampered"
+                    status = "dek"  # the tenant key (or the vault key) is wrong: never the credential's fault
+                else:
+                    try:
+                        plaintext = open_sealed(dek, row[6], credential_aad(
+                            tenant_id=tenant_id, crm_account_id=row[1], app_user_id=row[2], purpose=row[3],
+                            credential_id=credential_id, version=row[5]))
+                    except CredentialInvalid:
+                        status = "unreadable" if malformed(row[6]) is not None else "tampered"
             if status is not None:
                 conn.rollback()
                 clean = True
@@ -234,7 +248,7 @@ class HotPath:
         chain = chain_name(tenant_id)
         settings = get_settings()
         if settings is not self._settings:  # audit_key() re-decodes the server secret on every call
-            self._audit_key, self._settings = audit_key(), settings
+            self._audit_key, self._head_key, self._settings = audit_key(), head_key(), settings
         head = conn.execute(self.head, (chain,)).fetchone()
         prev = head[1] if head else ""
         ev = SimpleNamespace(
@@ -247,10 +261,17 @@ class HotPath:
         conn.execute(self.insert_event, (
             chain, ev.seq, at, tenant_id, ev.actor, ev.actor_role, USE_ACTION, ev.target, ev.details, None, prev, mac,
         ))
-        if head:
-            conn.execute(self.update_head, (ev.seq, mac, chain))
-        else:
-            conn.execute(self.insert_head, (chain, ev.seq, mac))
+        if head:  # the head's MAC as advance_head computes it (none for a head from before head MACs)
+            conn.execute(self.update_head, (ev.seq, mac, head_mac(self._head_key, chain, ev.seq, mac)
+                                            if head[2] is not None else None, chain))
+        else:  # rare (store() opens the tenant's chain first): a new chain joins the global seal
+            seal = conn.execute(self.seal).fetchone()
+            new_mac = None
+            if seal is not None:
+                chains, digest, seal_mac = add_chain(self._head_key, seal[0], seal[1], chain)
+                conn.execute(self.update_seal, (chains, digest, seal_mac))
+                new_mac = head_mac(self._head_key, chain, ev.seq, mac)
+            conn.execute(self.insert_head, (chain, ev.seq, mac, new_mac))
 
 
 KEEP_IDLE = 8

@@ -25,6 +25,7 @@ exception message or an audit entry.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -56,9 +57,18 @@ from core.errors import (
 )
 from core.tenants.access import Principal, require_not_offboarded, require_staff, require_tenant
 from core.tenants.audit import chain_name, record_event
-from core.tenants.models import AppUser, AuditEvent, AuditHead, CredentialMode, CrmAccount, Tenant
+from core.tenants.models import AppUser, AuditEvent, AuditHead, AuditSeal, CredentialMode, CrmAccount, Tenant
 from core.vault import keys
-from core.vault.crypto import credential_aad, invalid, new_dek, open_sealed, seal, unwrap_dek, wrap_dek
+from core.vault.crypto import (
+    credential_aad,
+    invalid,
+    malformed,
+    new_dek,
+    open_sealed,
+    seal,
+    unwrap_dek,
+    wrap_dek,
+)
 from core.vault.hotpath import Found, hot_path
 from core.vault.keys import KeyProvider, KeyRing, check_value
 from core.vault.models import (
@@ -324,7 +334,8 @@ def _forget_stale(session: Session, credential_id: int, tenant_id: int) -> None:
     """The hot path wrote past the ORM: expire what this session may hold of those rows."""
     if not len(session.identity_map):
         return
-    for key in (identity_key(VaultCredential, credential_id), identity_key(AuditHead, chain_name(tenant_id))):
+    for key in (identity_key(VaultCredential, credential_id), identity_key(AuditHead, chain_name(tenant_id)),
+                identity_key(AuditSeal, 1)):
         obj = session.identity_map.get(key)
         if obj is not None:
             session.expire(obj)
@@ -436,6 +447,36 @@ def _refuse(session: Session, credential_id: int, status: str, found: Found | No
         session.commit()
         raise CredentialExpired(f"Credential vault:{credential_id} {why} and was destroyed: "
                                 f"{_reconnect_fix(found.app_user_id)}")
+    if status == "unreadable":
+        # Not a ciphertext at all (text where bytes belong, cut short): damaged outside the vault.
+        # Flag it and keep it as it is, so it can be restored from a backup; nothing is destroyed.
+        why = malformed(found.raw_ciphertext) or "it is damaged"
+        row.state = CredentialState.invalid.value
+        session.add(row)
+        record_event(session, principal=principal, action="vault.credential.unreadable", tenant_id=row.tenant_id,
+                     target=f"credential:{credential_id}", at=now,
+                     details={"purpose": row.purpose, "app_user_id": row.app_user_id, "problem": why})
+        session.commit()
+        log.error("vault: credential %s is unreadable (%s); flagged, kept as it is", credential_id, why)
+        raise CredentialInvalid(
+            f"Credential vault:{credential_id} is unreadable: {why}. The row was damaged outside the vault (a bad "
+            "restore or a manual edit); it is kept as it is, flagged and not used. Restore the vault_credential "
+            f"row {credential_id} from a backup, or {_reconnect_fix(found.app_user_id)}"
+        )
+    # A decrypt failure is only taken for tampering once the vault key is proven right: a process
+    # started with the wrong key must never flag, destroy or falsely report anything.
+    _require_proven_key(session, found.kek_id)
+    if status == "dek":
+        record_event(session, principal=principal, action="vault.dek.unreadable", tenant_id=row.tenant_id,
+                     target=f"tenant:{row.tenant_id}", at=now, details={"kek": found.kek_id})
+        session.commit()
+        log.error("vault: the data key of tenant %s did not unwrap with the right vault key %s", row.tenant_id,
+                  found.kek_id)
+        raise CredentialInvalid(
+            f"The data key of tenant {row.tenant_id} did not decrypt although vault key {found.kek_id!r} is the right "
+            f"one: its vault_tenant_key row was altered or damaged. Restore that row from a backup; no credential was "
+            "changed or destroyed."
+        )
     # tampered: flag it (keep the row as evidence), audit, and refuse with the one opaque error
     row.state = CredentialState.invalid.value
     session.add(row)
@@ -445,6 +486,27 @@ def _refuse(session: Session, credential_id: int, status: str, found: Found | No
     session.commit()
     log.warning("vault: credential %s did not decrypt (tampered or moved); flagged invalid", credential_id)
     raise invalid()
+
+
+def _require_proven_key(session: Session, kek_id: str) -> None:
+    """Raise (changing nothing) unless this process's key ``kek_id`` matches the check value the
+    database holds for it. Called before any decrypt failure is held against a credential."""
+    ring = keys.current_ring()
+    material = ring.keys.get(kek_id)
+    row = session.exec(select(VaultKek).where(VaultKek.kek_id == kek_id)
+                       .execution_options(populate_existing=True)).first()
+    if material is not None and row is not None and hmac.compare_digest(row.check_value, check_value(material)):
+        return
+    session.rollback()
+    log.error("vault: a decrypt failed and vault key %r is not proven right; nothing was flagged", kek_id)
+    if material is None:
+        raise KeyMissing(f"Vault key {kek_id!r} is not in {ring.source}: restore that key; nothing was changed.")
+    if row is None:
+        raise ConfigurationError(
+            f"Vault key {kek_id!r} has no check value in the database, so a decrypt failure cannot be told from a "
+            "wrong key: nothing was flagged or destroyed. Run `crmbridge vault status` with the right key ring to "
+            "check it.")
+    raise ConfigurationError(str(_wrong_key(kek_id, ring)) + " Nothing was flagged or destroyed.")
 
 
 def _reconnect_fix(app_user_id: int | None) -> str:
@@ -576,6 +638,22 @@ def sweep(session: Session, *, now: datetime, principal: Principal | None = None
     if result.destroyed:
         log.info("vault sweep: destroyed %d expired and %d idle credential(s)", result.expired, result.idle)
     return result
+
+
+def require_keys_at_start(engine: Engine | None = None, *, process: str, now: datetime | None = None) -> KeyRing:
+    """Every process that touches the vault calls this first: the key ring must hold every key that
+    wraps a tenant key, each with the check value the database holds for its id. On a mismatch it
+    raises (changing nothing), with the process named and the fix, so the process exits non-zero
+    before it reads a single credential.
+
+    Raises:
+        KeyMissing, ConfigurationError.
+    """
+    try:
+        with session_scope(engine) as s:
+            return check_keys(s, now=now)
+    except ConfigurationError as exc:
+        raise type(exc)(f"{process} refuses to start: {exc}") from None
 
 
 def sweep_on_start(engine: Engine | None = None, *, now: datetime | None = None) -> SweepResult:
