@@ -24,7 +24,10 @@ def main() -> int:
     port = settings.sandbox_url.rsplit(":", 1)[-1].strip("/")
     if settings.demo:
         sandbox = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "--port", port, "--tls-dir", str(tls_dir)],
+            [sys.executable, "-m", "sandbox", "--port", port, "--tls-dir", str(tls_dir),
+             # sign-in/consent pages over loopback http (no certificate warning); callbacks follow the console
+             "--browser-port", settings.sandbox_browser_url.rsplit(":", 1)[-1].strip("/"),
+             "--console-url", settings.public_url],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )
         assert sandbox.stdout is not None

@@ -112,7 +112,7 @@ def _hubspot(state: SandboxState, tenant: str, key: str, name: str) -> tuple[dic
 
 def _fields(state: SandboxState, record: dict[str, Any], api: str) -> list[dict[str, Any]]:
     """The values the console's CRM-account form asks for, under that form's field titles."""
-    crm, key, extra = record["crm"], record["org"], record["extra"]
+    crm, key = record["crm"], record["org"]
     scenario = substitute(record["scenario"], state.variables)
     if crm == "salesforce":
         apps = scenario["salesforce"]["orgs"][key]["apps"]
@@ -135,7 +135,7 @@ def _fields(state: SandboxState, record: dict[str, Any], api: str) -> list[dict[
             {"title": "Microsoft Entra authority (advanced)", "value": f"{api}/entra"},
             {"title": "Microsoft Graph endpoint (advanced)", "value": f"{api}/graph"},
         ]
-    hub_apps = state.section("hubspot").get("apps") or {}
+    hub_apps: dict[str, dict[str, Any]] = state.section("hubspot").get("apps") or {}
     client_id, app = next(iter(hub_apps.items()), ("", {}))
     portal = scenario["hubspot"]["portals"][key]
     browser = state.browser_url or api
@@ -179,7 +179,8 @@ def _view(state: SandboxState, record: dict[str, Any], api: str) -> dict[str, An
             users.append({"username": u["username"], "password": u["password"], "role": u["role"],
                           "security_token": u["security_token"], "id": found.id if found else ""})
     elif crm == "dynamics":
-        users = [{"username": p["email"], "role": p["role"], "id": p["systemuserid"]} for p in record["extra"]["people"]]
+        users = [{"username": p["email"], "role": p["role"], "id": p["systemuserid"]}
+                 for p in record["extra"]["people"]]
     else:
         users = [{"username": p["email"], "role": "admin" if p["super_admin"] else "user", "id": str(p["id"])}
                  for p in record["extra"]["people"]]

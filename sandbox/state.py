@@ -207,7 +207,7 @@ class SandboxState:
         path = self.state_dir / PROVISIONED_FILE
         if not path.exists():
             return {}
-        return dict((_read_yaml(path).get("provisioned") or {}))
+        return dict(_read_yaml(path).get("provisioned") or {})
 
     def save_provisioned(self, key: str, record: dict[str, Any]) -> None:
         """Keep a provisioned org (0600: it holds its demo passwords) and merge it into the live scenario."""
@@ -228,9 +228,9 @@ class SandboxState:
     def org_keys(self) -> set[str]:
         """Every org key in use (keys are unique across vendors)."""
         keys: set[str] = set()
-        keys |= set((self.section("salesforce").get("orgs") or {}))
-        keys |= set((self.section("dynamics").get("environments") or {}))
-        keys |= set((self.section("hubspot").get("portals") or {}))
+        keys |= set(self.section("salesforce").get("orgs") or {})
+        keys |= set(self.section("dynamics").get("environments") or {})
+        keys |= set(self.section("hubspot").get("portals") or {})
         return {str(k) for k in keys}
 
     def section(self, name: str) -> dict[str, Any]:
