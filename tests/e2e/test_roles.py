@@ -73,6 +73,10 @@ def test_sign_out_ends_the_session(page, console):
     sign_in(page, console, "admin@bigcorp.example")
     page.goto(f"{console.url}/auth/logout")
     page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(f"{console.url}/auth/login")  # the sign-out finished (a goto now would cancel it)
     page.goto(console.url)
     wait_streamlit(page)
-    assert page.get_by_text("not signed in").count() or page.get_by_text("Sign in").count()
+    from playwright.sync_api import expect
+
+    expect(page.get_by_text("You are not signed in").or_(page.get_by_role("button", name="Sign in")).first) \
+        .to_be_visible()
