@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 from core.settings import ROOT, get_settings
 
@@ -26,7 +27,7 @@ def main() -> int:
         sandbox = subprocess.Popen(
             [sys.executable, "-m", "sandbox", "--port", port, "--tls-dir", str(tls_dir),
              # sign-in/consent pages over loopback http (no certificate warning); callbacks follow the console
-             "--browser-port", settings.sandbox_browser_url.rsplit(":", 1)[-1].strip("/"),
+             "--browser-port", str(urlsplit(settings.sandbox_browser_url).port or 80),
              "--console-url", settings.public_url],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )
