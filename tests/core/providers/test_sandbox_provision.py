@@ -130,3 +130,17 @@ def test_the_plain_http_origin_serves_sign_in_and_consent_pages_only(tmp_path, m
                  "/_sandbox/provision/bigcorp", "/hubspot/crm/v3/objects/deals"):
         assert c.get(path).status_code == 404, path
     assert c.post("/_sandbox/provision", json={"tenant": "x", "crm": "salesforce"}).status_code == 404
+
+
+def test_a_provisioned_hubspot_portal_can_install_the_app_back_to_the_console(tmp_path, monkeypatch):
+    c = _client(tmp_path, monkeypatch)
+    r = c.post("/_sandbox/provision", json={"tenant": "umbrella", "name": "Umbrella", "crm": "hubspot"})
+    assert r.status_code == 201, r.text
+    f = _fields(r.json())
+    assert f["Authorize URL"] == f"{BROWSER}/hubspot/oauth/authorize"  # opened by a browser: the http origin
+    q = {"client_id": f["App client ID"], "redirect_uri": f"{CONSOLE}/oauth/hubspot/callback", "state": "s"}
+    page = c.get("/hubspot/oauth/authorize", params=q)
+    assert page.status_code == 200 and f["Account to pick on the install page"] in page.text
+    done = c.post("/hubspot/oauth/authorize", data={**q, "portal": "umbrella", "user": "admin@umbrella.example",
+                                                     "decision": "approve"}, follow_redirects=False)
+    assert done.status_code == 302 and done.headers["location"].startswith(f"{CONSOLE}/oauth/hubspot/callback?code=")
