@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.db import session_scope
+from core.db import describe_db_failure, session_scope
 from core.errors import SessionInvalid
 from core.tenants.auth import principal_from_token
 from core.web import SESSION_COOKIE
@@ -37,9 +37,32 @@ try:
         principal = principal_from_token(s, token)
 except SessionInvalid as exc:
     st.session_state.pop("principal", None)
-    st.title("CRM Bridge")
-    st.info(str(exc))
-    st.link_button("Sign in", "/auth/login", type="primary")
+    reason = str(exc)
+
+    def sign_in() -> None:
+        st.title("CRM Bridge")
+        st.info(reason)
+        st.link_button("Sign in", "/auth/login", type="primary")
+
+    # Before sign-in the app has exactly one page: no sidebar list of pages/, and any address
+    # (/tenants, /common, ...) shows this page (server.py also turns off pages/ discovery).
+    # Each console page's address shows the sign-in too (a bookmark works after signing in).
+    gate = [st.Page(sign_in, title="Sign in", icon=":material/login:", default=True)] + [
+        st.Page(sign_in, title="Sign in", url_path=Path(f).stem) for f, *_ in PAGES if Path(f).stem != "overview"
+    ]
+    st.navigation(gate, position="hidden").run()
+    st.stop()
+except Exception as exc:  # signing the session in touches the database
+    what = describe_db_failure(exc)
+    if what is None:
+        raise
+    failure = what
+
+    def database_problem() -> None:
+        st.title("CRM Bridge")
+        st.error(failure, icon=":material/database:")
+
+    st.navigation([st.Page(database_problem, title="CRM Bridge", default=True)], position="hidden").run()
     st.stop()
 
 st.session_state["principal"] = principal
@@ -52,4 +75,11 @@ pages = [
     for f, title, icon, roles in PAGES
     if principal.role in roles and (HERE / f).exists()
 ]
-st.navigation(pages).run()
+try:
+    st.navigation(pages).run()
+except Exception as exc:  # a page's write hit a database that refuses writes: say what, not a traceback
+    what = describe_db_failure(exc)
+    if what is None:
+        raise
+    st.error(what, icon=":material/database:")
+

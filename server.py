@@ -8,8 +8,11 @@ import logging
 from pathlib import Path
 
 import streamlit as st
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
+from streamlit.runtime.pages_manager import PagesManager
 
+from core.http_guard import GuardMiddleware
 from core.settings import get_settings
 from core.wiring import wire
 
@@ -34,6 +37,12 @@ def collect_routes() -> list[BaseRoute]:
     return routes
 
 
+def middleware() -> list[Middleware]:
+    """In front of every request, Streamlit's included: Host check, body limits, anti-framing + CSP,
+    websocket Origin check (core.http_guard)."""
+    return [Middleware(GuardMiddleware)]
+
+
 def startup_checks() -> None:
     """Refuse to start on missing keys (never invent them outside demo mode) and sweep the vault."""
     settings = get_settings()
@@ -44,8 +53,13 @@ def startup_checks() -> None:
     sweep_on_start(get_engine())
 
 
+# Streamlit runs any file in pages/ by its address, without dashboard.py's sign-in gate, until some
+# session calls st.navigation (its "pages directory" mode, set per process at the first session). Our
+# pages are only ever reached through dashboard.py's st.navigation: turn that mode off before any session.
+PagesManager.uses_pages_directory = False
+
 wire()
-app = st.App(str(HERE / "dashboard.py"), routes=collect_routes())
+app = st.App(str(HERE / "dashboard.py"), routes=collect_routes(), middleware=middleware())
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -58,4 +72,5 @@ if __name__ == "__main__":
         "browser.gatherUsageStats": False,
         "server.fileWatcherType": "none",
         "client.toolbarMode": "minimal",
+        "server.maxUploadSize": 6,  # MB; core.http_guard refuses a larger upload while it streams
     })

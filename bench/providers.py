@@ -23,6 +23,11 @@ records/s is the sample's.
 Run: .venv/bin/python bench/providers.py [--quick] [--naive-budget S]. Finishes within 20 minutes (at most
 about 3 x the budget plus a minute). The last line is
 ``RESULT salesforce_call_ratio=X dynamics_call_ratio=Y hubspot_call_ratio=Z``.
+
+Fallbacks are measured apart (``FALLBACK …`` lines, before the result): calls a provider spends beyond one
+per batch when the vendor refuses part of the work the documented way — a HubSpot batch of 100 with one
+invalid record (HubSpot fails the whole batch with HTTP 400), and a HubSpot connection test where the
+2026-03 token introspection endpoint is missing (the deprecated v1 token info is the fallback).
 """
 
 from __future__ import annotations
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         sandbox = start_sandbox(Path(tmp) / "tls")
         try:
             ratios = run_all(sandbox, quick=args.quick, budget=args.naive_budget)
+            hubspot_fallbacks(sandbox)
         finally:
             sandbox.http.close()
             sandbox.process.terminate()
@@ -232,6 +238,37 @@ def run_all(sandbox: SandboxHandle, *, quick: bool, budget: float) -> dict[str, 
               f"{2 * naive_n / naive.seconds:,.0f} records/s; logins/token fetches: {naive.auth_calls}{sample}")
         print(f"   ratio: ours / minimum = {ratio:.2f}; naive / ours = {naive_calls_n / ours.calls:,.1f}x\n")
     return ratios
+
+
+def hubspot_fallbacks(sandbox: SandboxHandle) -> None:
+    """Calls spent in HubSpot's fallbacks, counted apart from the ratios."""
+    tag = uuid.uuid4().hex[:6]
+    provider = hubspot(sandbox, False)
+    assert isinstance(provider, HubSpotProvider)
+    batch = changes(100, f"hubspot-{tag}-fallback", "appointmentscheduled")
+    batch[41] = OpportunityChange(batch[41].idempotency_key, {**batch[41].fields, "stage": "no-such-stage"})
+    results = provider.push_opportunities(batch)
+    failed = [r.idempotency_key for r in results if not r.ok]
+    if failed != [batch[41].idempotency_key]:
+        raise SystemExit(f"hubspot fallback: expected only the invalid record to fail, got {failed[:3]}")
+    print("== Fallbacks (not in the ratios)")
+    print(f"   HubSpot batch of 100 with 1 invalid record: {provider.calls_made} calls "
+          f"(1 refused with HTTP 400 + {provider.fallback_calls_made} retry of the 99 valid), 99 written, "
+          "1 failed with its own error")
+    print(f"FALLBACK hubspot_invalid_record_batch_calls={provider.calls_made} "
+          f"hubspot_invalid_record_fallback_calls={provider.fallback_calls_made}")
+    sandbox.http.post("/_sandbox/hubspot/oauth", json={"introspect": False}).raise_for_status()
+    try:
+        probe = hubspot(sandbox, False)
+        assert isinstance(probe, HubSpotProvider)
+        report = probe.test_connection()
+        if not report.ok:
+            raise SystemExit(f"hubspot fallback: connection test failed at {report.failed_step}")
+        print(f"   HubSpot connection test without the 2026-03 introspection endpoint: "
+              f"{probe.fallback_calls_made} fallback call (v1 token info)")
+        print(f"FALLBACK hubspot_introspection_fallback_calls={probe.fallback_calls_made}")
+    finally:
+        sandbox.http.post("/_sandbox/hubspot/oauth", json={"introspect": True}).raise_for_status()
 
 
 if __name__ == "__main__":

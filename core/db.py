@@ -99,3 +99,44 @@ class UTCDateTime(TypeDecorator):
 def utc_column(*, nullable: bool = True, index: bool = False) -> Any:
     """``Field(sa_column=...)`` helper: ``created_at: datetime = Field(sa_column=utc_column(...))``."""
     return Column(UTCDateTime(), nullable=nullable, index=index)
+
+
+# (substring of the driver's message, what failed, the fix) — SQLite and PostgreSQL wording.
+_DB_FAILURES = (
+    (("database or disk is full", "no space left on device", "could not extend file", "disk full"),
+     "the database's disk is full", "free space on the database's disk (or raise its quota), then try again"),
+    (("disk i/o error", "could not write", "input/output error", "file too large"),
+     "the database could not write to its disk (full, over a size limit or failing)",
+     "check the database's disk (free space, quota, errors), then try again"),
+    (("readonly database", "read-only", "read only"),
+     "the database is read-only", "make the database writable (file permissions, or a read-write PostgreSQL "
+     "server), then try again"),
+    (("database is locked", "lock timeout", "deadlock detected"),
+     "the database was busy (locked) too long", "try again in a moment"),
+    (("connection refused", "could not connect", "server closed the connection", "unable to open database",
+      "connection is closed", "terminating connection"),
+     "the database cannot be reached", "check that the database server is running and reachable, then try again"),
+)
+
+
+def describe_db_failure(exc: BaseException) -> str | None:
+    """A sentence naming what failed and the fix, for a database error from SQLAlchemy; None for
+    anything else. Nothing was saved: the transaction rolled back (``session_scope``)."""
+    from sqlalchemy.exc import DBAPIError
+
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:  # the DBAPIError may be wrapped
+        seen.add(id(err))
+        if isinstance(err, DBAPIError):
+            break
+        err = err.__cause__ or err.__context__
+    if not isinstance(err, DBAPIError):
+        return None
+    text = str(err.orig or err).lower()
+    for needles, what, fix in _DB_FAILURES:
+        if any(n in text for n in needles):
+            return f"Nothing was saved: {what}. Fix: {fix}."
+    if err.connection_invalidated:
+        return "Nothing was saved: the connection to the database was lost. Fix: try again."
+    return None

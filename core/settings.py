@@ -6,7 +6,10 @@ Tests build their own ``Settings(...)``; everything else calls ``get_settings()`
 from __future__ import annotations
 
 import base64
+import binascii
+import math
 import os
+import re
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +21,46 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data"
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx"}
+MIN_SECRET_BITS = 256  # 32 random bytes
+GENERATE_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_B64 = re.compile(r"^[A-Za-z0-9+/_-]+={0,2}$")
+
+
+def _shannon_bits(data: bytes) -> float:
+    """Empirical Shannon entropy of ``data`` times its length (bits): an upper bound for text."""
+    if not data:
+        return 0.0
+    counts: dict[int, int] = {}
+    for b in data:
+        counts[b] = counts.get(b, 0) + 1
+    n = len(data)
+    return -sum(c / n * math.log2(c / n) for c in counts.values()) * n
+
+
+def secret_entropy_bits(value: str) -> float:
+    """A conservative estimate of the entropy in a configured secret.
+
+    Hex or base64 that decodes to binary is taken as random bytes (8 bits each) unless the bytes repeat
+    (fewer distinct values than random bytes of that length would show); anything else, and encoded
+    text (``base64("my-password")``), is text: its Shannon entropy, which a real passphrase or random
+    token of enough length passes and a word, a repeated pattern or a short value does not."""
+    v = value.strip()
+    raw: bytes | None = None
+    if len(v) % 2 == 0 and _HEX.match(v):
+        raw = bytes.fromhex(v)
+    elif _B64.match(v):
+        try:
+            t = v.rstrip("=").replace("-", "+").replace("_", "/")
+            raw = base64.b64decode(t + "=" * (-len(t) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+    if raw and not all(32 <= b < 127 for b in raw):
+        distinct = len(set(raw))
+        expected = 256 * (1 - (255 / 256) ** len(raw))  # distinct values in len(raw) random bytes
+        return len(raw) * 8.0 if distinct >= 0.75 * expected else _shannon_bits(raw)
+    text = raw if raw else v.encode()
+    return _shannon_bits(text)
 
 
 class Settings(BaseSettings):
@@ -63,9 +106,16 @@ class Settings(BaseSettings):
             )
         if not self.demo and self.secret_key.strip().lower() in PLACEHOLDER_SECRETS and self.secret_key:
             raise ValueError(
-                "CRMBRIDGE_SECRET_KEY is a placeholder: set a random value (python -c "
-                "'import secrets; print(secrets.token_urlsafe(32))')"
+                f"CRMBRIDGE_SECRET_KEY is a placeholder: set a random value ({GENERATE_SECRET})"
             )
+        if not self.demo and self.secret_key:
+            bits = secret_entropy_bits(self.secret_key)
+            if bits < MIN_SECRET_BITS:
+                raise ValueError(
+                    f"CRMBRIDGE_SECRET_KEY is too weak: it carries about {bits:.0f} bits of entropy and at least "
+                    f"{MIN_SECRET_BITS} (32 random bytes) are required outside demo mode. Generate one with "
+                    f"{GENERATE_SECRET} and set it on every replica (existing sessions and signed links end)."
+                )
         if not host:
             raise ValueError(f"CRMBRIDGE_PUBLIC_URL {self.public_url!r} is not an absolute URL")
         return self

@@ -8,7 +8,8 @@ the one the token belongs to, as on the real API):
     GET   /hubspot/oauth/authorize                  install page (real host: app.hubspot.com)
     POST  /hubspot/oauth/authorize                  the demo admin approves: redirect with ?code=&state=
     POST  /hubspot/oauth/v1/token                   authorization_code / refresh_token grants
-    GET   /hubspot/oauth/v1/access-tokens/{token}   token info (hub_id, user, scopes, expires_in)
+    POST  /hubspot/oauth/2026-03/token/introspect   token introspection (the current OAuth API; also /oauth/v3/…)
+    GET   /hubspot/oauth/v1/access-tokens/{token}   token info, deprecated (v1 OAuth API sunset 2027-02-16)
     GET   /hubspot/account-info/v3/details          portalId, time zone, …
     GET   /hubspot/settings/v3/users                portal users
     GET   /hubspot/crm/v3/owners                    owners (limit ≤ 500)
@@ -17,6 +18,8 @@ the one the token belongs to, as on the real API):
     GET|POST|PATCH  /hubspot/crm/v3/objects/deals[/{id}]   single-record calls
     POST  /_sandbox/hubspot/{portal}/limits         {"burst", "oauth_burst", "daily", "search_per_second", "clear"}
     POST  /_sandbox/hubspot/advance                 {"seconds": n}: move this vendor's clock forward
+    POST  /_sandbox/hubspot/oauth                   {"v1_access_tokens": bool, "introspect": bool}: play the v1
+                                                    sunset, or a HubSpot region without the new endpoint yet
 
 Counting rules (developers.hubspot.com usage guidelines and changelog, checked 2026-11): every API request
 counts once toward the app's rolling 10-second burst in that account and once toward the account's daily
@@ -26,6 +29,16 @@ account. Over a limit: HTTP 429 with ``policyName`` ``TEN_SECONDLY_ROLLING``, ``
 OAuth-authorized calls, ``X-HubSpot-RateLimit-Daily/-Daily-Remaining``. The daily count resets at midnight
 UTC here (HubSpot uses the portal's time zone). OAuth access tokens expire after ``expires_in`` (1,800 s);
 service keys and private-app tokens do not. ``quota_exhausted`` answers the ``DAILY`` 429.
+
+Batch writes (sources: the public issue Atlas-Authority/marketing-automation#174, where one contact with an
+invalid email failed a whole batch with HTTP 400 and the body ``{"status": "error", "message": "Property values
+were not valid: [{"isValid":false,"message":"Email address … is invalid","error":"INVALID_EMAIL","name":
+"email"}]", …}``; HubSpot-public-api-spec-collection PublicApiSpecs/CRM/Deals/Rollouts/424/v3/deals.json,
+``SimplePublicUpsertObject`` / ``SimplePublicObjectBatchInputUpsert``): one invalid input in a batch
+update/upsert fails the whole request with a 400 that names the property and the value, never the input; the
+spec's upsert result carries ``id``, ``properties``, ``new`` and ``objectWriteTraceId`` but does not promise to
+echo the ``idProperty`` value or to keep input order, so the sandbox echoes neither (results come back in
+reverse input order).
 
 It imports nothing from ``core``.
 """
@@ -124,6 +137,11 @@ class HubSpotStore:
         self.tokens: dict[str, Credential] = {}
         self.refresh: dict[str, Credential] = {}
         self.codes: dict[str, tuple[Credential, str, float]] = {}
+        # HubSpot changelog "v1 OAuth API Deprecation": GET /oauth/v1/access-tokens/{token} is deprecated and
+        # goes away on 2027-02-16; POST /oauth/2026-03/token/introspect replaces it. Both are served here; the
+        # admin route turns either off to play the sunset (or a client that must fall back).
+        self.v1_access_tokens = bool(section.get("v1_access_tokens", True))
+        self.introspect = bool(section.get("introspect", True))
         rng = random.Random(f"hubspot:{seed}")
         for client_id, raw in (section.get("apps") or {}).items():
             self.apps[str(client_id)] = {
@@ -275,7 +293,9 @@ def _validate_props(props: Any, *, creating: bool) -> tuple[dict[str, str], list
 
 
 def _validation_error(errors: list[dict[str, Any]], ids: list[str] | None = None) -> dict[str, Any]:
-    msg = json.dumps(errors)
+    # The message embeds the JSON list exactly as in Atlas-Authority/marketing-automation#174:
+    # "Property values were not valid: [{"isValid":false,"message":"…","error":"INVALID_EMAIL","name":"email"}]"
+    msg = json.dumps(errors, separators=(",", ":"))
     err: dict[str, Any] = {"status": "error", "category": "VALIDATION_ERROR",
                            "message": f"Property values were not valid: {msg}",
                            "errors": [{"message": e["message"], "code": e.get("error")} for e in errors]}
@@ -434,6 +454,9 @@ def routes(state: Any) -> list[BaseRoute]:
 
     async def token_info(request: Request) -> Response:
         st = store()
+        if not st.v1_access_tokens:
+            return JSONResponse({"status": "error", "message": "resource not found", "correlationId":
+                                 str(uuid.uuid4()), "category": "OBJECT_NOT_FOUND"}, status_code=404)
         cred = st.tokens.get(request.path_params["token"])
         if cred is None or cred.kind != "oauth" or (cred.expires_at or 0) < st.now():
             return JSONResponse({"status": "error", "message": "The access token is expired or invalid",
@@ -444,6 +467,47 @@ def routes(state: Any) -> list[BaseRoute]:
                              f"{portal.key}.example", "scopes": list(cred.scopes), "hub_id": portal.portal_id,
                              "app_id": app.get("app_id"), "expires_in": int((cred.expires_at or 0) - st.now()),
                              "user_id": cred.user_id, "token_type": "access"})
+
+    async def introspect(request: Request) -> Response:
+        """POST /oauth/2026-03/token/introspect (HubSpot-public-api-spec-collection
+        PublicApiSpecs/Auth/Oauth/Rollouts/279897/2026-03/oauth.json): form ``client_id``, ``client_secret``,
+        ``token``, ``token_type_hint``; 200 with ``PublicAccessTokenInfoResponse`` (``active``, ``app_id``,
+        ``client_id``, ``expires_in``, ``hub_id``, ``scopes``, ``token_type``, ``token_use``, ``user``,
+        ``user_id``, …) for a live access token, ``{"active": false}`` otherwise (RFC 7662 §2.2). Errors carry
+        the RFC 6749 ``error``/``error_description`` beside the old ``status``/``message`` (changelog "New OAuth
+        v3 API Endpoints and Standardized Error Responses")."""
+        st = store()
+        if not st.introspect:
+            return JSONResponse({"status": "error", "message": "resource not found", "correlationId":
+                                 str(uuid.uuid4()), "category": "OBJECT_NOT_FOUND"}, status_code=404)
+        form = await request.form()
+        client_id = str(form.get("client_id") or "")
+        app = st.apps.get(client_id)
+        if app is None or not secrets.compare_digest(str(form.get("client_secret") or ""), app["secret"]):
+            status = "BAD_CLIENT_ID" if app is None else "BAD_CLIENT_SECRET"
+            text = "missing or unknown client id" if app is None else "missing or invalid client secret"
+            return JSONResponse({"error": "invalid_client", "error_description": text, "status": status,
+                                 "message": text, "correlationId": str(uuid.uuid4())}, status_code=400)
+        token = str(form.get("token") or "")
+        cred = st.tokens.get(token)
+        if (cred is None or cred.kind != "oauth" or cred.client_id != client_id
+                or (cred.expires_at or 0) < st.now() or cred.epoch < state.epoch(cred.portal)):
+            return JSONResponse({"active": False})
+        portal = st.portals[cred.portal]
+        return JSONResponse({
+            "active": True, "token": token, "token_type": "access", "token_use": "access_token",
+            "client_id": client_id, "app_id": app.get("app_id"), "hub_id": portal.portal_id,
+            "hub_domain": f"{portal.key}.example", "user": cred.user, "user_id": cred.user_id,
+            "scopes": list(cred.scopes), "expires_in": int((cred.expires_at or 0) - st.now()),
+            "is_private_distribution": False,
+            "signed_access_token": {"appId": app.get("app_id"), "hubId": portal.portal_id,
+                                    "userId": cred.user_id, "installingUserId": cred.user_id,
+                                    "expiresAt": int((cred.expires_at or 0) * 1000), "scopes": "",
+                                    "isUserLevel": False, "isServiceAccount": False,
+                                    "isPrivateDistribution": False, "hublet": "na1", "signature": "",
+                                    "newSignature": "", "scopeToScopeGroupPks": "", "trialScopes": "",
+                                    "trialScopeToScopeGroupPks": ""},
+        })
 
     # -- the API ----------------------------------------------------------------------------
     def authenticate(request: Request) -> tuple[Credential, Portal]:
@@ -671,6 +735,7 @@ def routes(state: Any) -> list[BaseRoute]:
             results = [_public(st.create(portal, c)) for c in checked]
         elif verb in {"update", "upsert"}:
             seen: set[str] = set()
+            checked: list[tuple[str, Any, dict[str, str], Any]] = []
             for item in inputs:
                 ident = str(item.get("id") or "")
                 id_prop = item.get("idProperty") if verb == "upsert" else body.get("idProperty")
@@ -683,20 +748,32 @@ def routes(state: Any) -> list[BaseRoute]:
                 seen.add(ident)
                 clean, errs = _validate_props(item.get("properties"), creating=verb == "upsert")
                 if errs:
-                    errors.append(_validation_error(errs, [ident]))
-                    continue
+                    # One invalid input fails the whole batch with 400, nothing is written, and the body names
+                    # the property and value, not the input (Atlas-Authority/marketing-automation#174).
+                    bad = _validation_error(errs)
+                    raise HubSpotError(400, "VALIDATION_ERROR", bad["message"], errors=bad["errors"], context={})
+                checked.append((ident, id_prop, clean, item.get("objectWriteTraceId")))
+            for ident, id_prop, clean, trace in checked:
                 rec = _lookup(portal, ident, id_prop)
                 if rec is None and verb == "update":
                     errors.append({"status": "error", "category": "OBJECT_NOT_FOUND",
                                    "message": f"Could not find a deal with id {ident}", "context": {"ids": [ident]}})
                     continue
                 if rec is None:
-                    new = st.create(portal, {**clean, str(id_prop): ident})
-                    results.append({**_public(new, list(clean) + [str(id_prop)]), "new": True})
+                    rec, new = st.create(portal, {**clean, str(id_prop): ident}), True
                 else:
                     st.update(portal, rec, clean)
-                    shown = list(clean) + ([str(id_prop)] if id_prop else [])
-                    results.append({**_public(rec, shown), "new": False})
+                    new = False
+                # The default properties only: the spec (SimplePublicUpsertObject) does not promise to echo the
+                # idProperty value, so it is not echoed; objectWriteTraceId is, when the input carried one.
+                out = _public(rec)
+                if verb == "upsert":
+                    out["new"] = new
+                if trace is not None:
+                    out["objectWriteTraceId"] = str(trace)
+                results.append(out)
+            # No order is promised for batch results: reverse input order keeps clients honest.
+            results.reverse()
         else:
             raise HubSpotError(404, "OBJECT_NOT_FOUND", f"Unable to find batch/{verb}")
         done = datetime.fromtimestamp(st.now(), UTC).isoformat().replace("+00:00", "Z")
@@ -726,6 +803,15 @@ def routes(state: Any) -> list[BaseRoute]:
         return JSONResponse({"burst": portal.burst, "oauth_burst": portal.oauth_burst, "daily": portal.daily,
                              "search_per_second": portal.search_per_second})
 
+    async def oauth_switches(request: Request) -> Response:
+        body = await request.json() if await request.body() else {}
+        st = store()
+        if "v1_access_tokens" in body:
+            st.v1_access_tokens = bool(body["v1_access_tokens"])
+        if "introspect" in body:
+            st.introspect = bool(body["introspect"])
+        return JSONResponse({"v1_access_tokens": st.v1_access_tokens, "introspect": st.introspect})
+
     async def advance(request: Request) -> Response:
         body = await request.json() if await request.body() else {}
         store().offset += float(body.get("seconds", 0))
@@ -736,9 +822,12 @@ def routes(state: Any) -> list[BaseRoute]:
         Route("/hubspot/oauth/authorize", authorize, methods=["GET", "POST"]),
         Route("/hubspot/oauth/v1/token", oauth_token, methods=["POST"]),
         Route("/hubspot/oauth/v1/access-tokens/{token}", token_info),
+        Route("/hubspot/oauth/2026-03/token/introspect", introspect, methods=["POST"]),
+        Route("/hubspot/oauth/v3/token/introspect", introspect, methods=["POST"]),
         Route("/hubspot/{rest:path}", api, methods=["GET", "POST", "PATCH"]),
         Route("/_sandbox/hubspot/{portal}/limits", limits, methods=["POST"]),
         Route("/_sandbox/hubspot/advance", advance, methods=["POST"]),
+        Route("/_sandbox/hubspot/oauth", oauth_switches, methods=["POST"]),
     ]
 
 

@@ -55,8 +55,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _saml_time(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _saml_time(dt: datetime, *, offset: bool = False) -> str:
+    """SAML Core §1.3.3: "All SAML time values … MUST be expressed in UTC form, with no time zone component"
+    (…Z). ``offset`` plays an IdP that writes ``+00:00`` instead (custom response templates and some
+    libraries do), which python3-saml's OneLogin_Saml2_Utils.parse_SAML_to_time refuses."""
+    text = dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return text[:-1] + "+00:00" if offset else text
 
 
 def _new_id() -> str:
@@ -169,6 +173,8 @@ class SamlIdp:
     keys: dict[str, IdpKey] = field(default_factory=dict)
     pending: dict[str, PendingLogin] = field(default_factory=dict)
     sps: dict[str, RegisteredSp] = field(default_factory=dict)
+    #: Write time values with a "+00:00" offset instead of "Z" (a misconfigured IdP; see _saml_time).
+    offset_timestamps: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -248,7 +254,9 @@ class SamlIdp:
         irt = f' InResponseTo="{html.escape(in_response_to)}"' if in_response_to else ""
         e = html.escape
         resp_id, assertion_id = _new_id(), _new_id()
-        t_now, t_nb, t_exp = _saml_time(now), _saml_time(now - timedelta(seconds=30)), _saml_time(now + lifetime)
+        off = self.offset_timestamps
+        t_now, t_nb, t_exp = (_saml_time(now, offset=off), _saml_time(now - timedelta(seconds=30), offset=off),
+                              _saml_time(now + lifetime, offset=off))
         assertion = (
             f'<saml:Assertion xmlns:saml="{NS_SAML}" ID="{assertion_id}" Version="2.0" IssueInstant="{t_now}">'
             f"<saml:Issuer>{e(issuer)}</saml:Issuer>"

@@ -8,6 +8,7 @@ Scenario section ``salesforce``::
         name, edition (enterprise | professional | unlimited | performance | developer | essentials)
         org_id: 18 chars (generated from the key when absent)
         api_enabled: true            # false: every API call answers API_DISABLED_FOR_ORG
+        org_type: production         # production | developer | sandbox (the JWT audience it accepts)
         daily_api_limit: n           # default: 100,000 + Salesforce licenses × edition adder
         api_used: n                  # the 24 h counter at start
         session_seconds_valid: 7200
@@ -43,6 +44,7 @@ doubled ``sf:Id`` in query records, validation rule "Amount cannot be negative".
 
 Admin (tests): ``POST /_sandbox/salesforce/{org}/api-usage {"used": n}``,
 ``POST /_sandbox/salesforce/{org}/apps/{client_id}/certificate`` (PEM body),
+``POST /_sandbox/salesforce/{org}/org-type`` ({"org_type": "sandbox"}: play a sandbox org),
 ``POST /_sandbox/salesforce/{org}/apps/{client_id}/callback-urls`` ({"add": uri}: the org admin adds a
 callback URL to the app, as in Setup → App Manager — e.g. a console on another port than the scenario's),
 ``POST /_sandbox/salesforce/{org}/revoke-refresh-tokens``,
@@ -157,6 +159,7 @@ class SfOrg:
     external_id_fields: list[str]
     opportunities: dict[str, dict[str, Any]] = field(default_factory=dict)
     counter: int = 0
+    org_type: str = "production"  # production | developer | sandbox
 
     def user_by_name(self, username: str) -> SfUser | None:
         low = username.lower()
@@ -244,6 +247,7 @@ class SalesforceStore:
             session_seconds=int(spec.get("session_seconds_valid", 7200)),
             licenses=licenses, users=users, apps=apps, opp_fields=opp_fields,
             external_id_fields=list(spec.get("external_id_fields", opp_fields[:1])),
+            org_type=str(spec.get("org_type", "production")),
         )
         self._seed_opportunities(org, spec.get("opportunities", {}))
         return org
@@ -921,13 +925,18 @@ class OAuthHandler:
             return _oauth_error("invalid_grant", "invalid assertion")
         from cryptography import x509
 
+        # The audience (Salesforce Help, "OAuth 2.0 JWT Bearer Flow for Server-to-Server Integration",
+        # help.salesforce.com/s/articleView?id=xcloud.remoteaccess_oauth_jwt_flow.htm): "aud" is the
+        # authorization server's URL — https://login.salesforce.com for production and Developer Edition orgs,
+        # https://test.salesforce.com for sandbox orgs (an Experience Cloud site's URL for its users, which the
+        # sandbox does not play). Anything else — the instance URL, the other login host — is refused with
+        # {"error": "invalid_grant", "error_description": "audience is invalid"} (HTTP 400).
+        audience = "https://test.salesforce.com" if org.org_type == "sandbox" else "https://login.salesforce.com"
         try:
             public_key = x509.load_pem_x509_certificate(app.certificate.encode()).public_key()
-            root = str(request.base_url).rstrip("/")
             claims = pyjwt.decode(
                 assertion, public_key, algorithms=["RS256"],  # type: ignore[arg-type]
-                audience=[_base(request), root, "https://login.salesforce.com", "https://test.salesforce.com"],
-                options={"require": ["iss", "sub", "aud", "exp"]}, leeway=5,
+                audience=audience, options={"require": ["iss", "sub", "aud", "exp"]}, leeway=5,
             )
         except pyjwt.ExpiredSignatureError:
             return _oauth_error("invalid_grant", "expired authorization code")
@@ -1119,6 +1128,16 @@ def _admin_routes(store_ref: dict[str, SalesforceStore]) -> list[BaseRoute]:
         app.certificate = (await request.body()).decode()
         return JSONResponse({"ok": True})
 
+    async def org_type(request: Request) -> Response:
+        org = org_or_404(request)
+        if isinstance(org, JSONResponse):
+            return org
+        kind = str((await request.json()).get("org_type", ""))
+        if kind not in {"production", "developer", "sandbox"}:
+            return JSONResponse({"error": "org_type is production, developer or sandbox"}, status_code=400)
+        org.org_type = kind
+        return JSONResponse({"org_type": org.org_type})
+
     async def callback_urls(request: Request) -> Response:
         org = org_or_404(request)
         if isinstance(org, JSONResponse):
@@ -1168,6 +1187,7 @@ def _admin_routes(store_ref: dict[str, SalesforceStore]) -> list[BaseRoute]:
     return [
         Route("/_sandbox/salesforce/{org}/api-usage", api_usage, methods=["POST"]),
         Route("/_sandbox/salesforce/{org}/apps/{client_id}/certificate", certificate, methods=["POST"]),
+        Route("/_sandbox/salesforce/{org}/org-type", org_type, methods=["POST"]),
         Route("/_sandbox/salesforce/{org}/apps/{client_id}/callback-urls", callback_urls, methods=["POST"]),
         Route("/_sandbox/salesforce/{org}/revoke-refresh-tokens", revoke, methods=["POST"]),
         Route("/_sandbox/salesforce/{org}/users/{username}", user, methods=["POST"]),

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel
 
-os.environ.setdefault("CRMBRIDGE_SECRET_KEY", "dGVzdC1zZXJ2ZXItc2VjcmV0LWZvci1jcm1icmlkZ2UtdGVzdHM")
+os.environ.setdefault("CRMBRIDGE_SECRET_KEY", "riVV7eHC8DewyVJKy-rTNB5NV2jJ6VZdKL9urJuCI_A")  # 32 random bytes
 
 import core.models  # noqa: E402,F401
 from core.clock import FrozenClock  # noqa: E402

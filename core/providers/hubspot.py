@@ -24,6 +24,7 @@ its ``policyName`` (``DAILY``, ``SECONDLY``, ``TEN_SECONDLY_ROLLING``).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -72,6 +73,8 @@ from core.providers.config import (
 log = logging.getLogger(__name__)
 
 DEFAULT_API = "https://api.hubapi.com"
+#: The current OAuth API's token introspection (HubSpot-public-api-spec-collection Auth/Oauth 2026-03).
+INTROSPECT_PATH = "/oauth/2026-03/token/introspect"
 AUTH_MODES = ("oauth", "service_key", "private_app")
 SEARCH_PAGE = 200
 SEARCH_RESULT_CAP = 10_000
@@ -339,6 +342,8 @@ class HubSpotProvider(ProviderBase):
         self._burst_interval = 10.0
         self._searches: deque[float] = deque()
         self.throttled_waits: list[float] = []
+        self._fallback_calls = 0
+        self.introspection: str | None = None  # which token-info endpoint answered last
         self.portal_id: str | None = self.config.portal_id
 
     # ------------------------------------------------------------------ OAuth app install
@@ -435,6 +440,43 @@ class HubSpotProvider(ProviderBase):
         if self._access is None or (self._access_expires is not None and self._clock() >= self._access_expires):
             return self._refresh()
         return self._access
+
+    def _introspect(self) -> Mapping[str, Any]:
+        """What the access token is: ``POST /oauth/2026-03/token/introspect`` (the current OAuth API; the
+        HubSpot changelog "v1 OAuth API Deprecation" retires ``GET /oauth/v1/access-tokens/{token}`` on
+        2027-02-16), falling back to the v1 path only when the new endpoint is not there (404/405).
+
+        Raises: AuthenticationFailed when the token is not active, ProviderError for the rest."""
+        assert self._access is not None
+        self._auth_calls += 1
+        try:
+            resp = self._http.post(
+                self.config.api_url + INTROSPECT_PATH,
+                data={"client_id": self.config.client_id, "client_secret": self.config.client_secret,
+                      "token": self._access, "token_type_hint": "access_token"},
+                headers={"Accept": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, "HubSpot's token introspection endpoint") from exc
+        if resp.status_code in (404, 405):
+            self._fallback_calls += 1
+            info = self._get(f"/oauth/v1/access-tokens/{self._access}")
+            self.introspection = "/oauth/v1/access-tokens"
+            if not isinstance(info, Mapping):
+                raise MalformedResponse("HubSpot's v1 token info is not a JSON object.")
+            return info
+        if resp.status_code != 200:
+            err = _token_error(resp)
+            raise self._auth_failed(err) if isinstance(err, AuthenticationFailed) else err
+        info = _json(resp, "HubSpot's token introspection endpoint")
+        if not isinstance(info, Mapping):
+            raise MalformedResponse("HubSpot's token introspection answer is not a JSON object.")
+        self.introspection = INTROSPECT_PATH
+        if info.get("active") is not True:
+            raise self._auth_failed(AuthenticationFailed(
+                "HubSpot says the access token it just issued is not active: the app was uninstalled or its "
+                "install revoked — reinstall it through the portal's connect link.", code="inactive_token"))
+        return info
 
     # ------------------------------------------------------------------ transport
     def _pace(self, *, search: bool) -> None:
@@ -585,12 +627,12 @@ class HubSpotProvider(ProviderBase):
         def authenticate() -> str:
             if self.config.auth_mode == "oauth":
                 self._refresh()
-                info = self._get(f"/oauth/v1/access-tokens/{self._access}")
-                if isinstance(info, Mapping):
-                    report.identity = info.get("user")
-                    report.crm_user_id = str(info.get("user_id")) if info.get("user_id") else None
-                    return f"OAuth install by {info.get('user')} with {len(info.get('scopes') or [])} scopes"
-                return "OAuth token issued"
+                info = self._introspect()
+                report.identity = info.get("user")
+                report.crm_user_id = str(info.get("user_id")) if info.get("user_id") else None
+                via = ("token introspection 2026-03" if self.introspection == INTROSPECT_PATH else
+                       "deprecated v1 token info, as a fallback: the 2026-03 introspection endpoint is not there")
+                return f"OAuth install by {info.get('user')} with {len(info.get('scopes') or [])} scopes ({via})"
             report.identity = "service key" if self.config.auth_mode == "service_key" else "private app (legacy)"
             return f"{report.identity} token present"
 
@@ -713,9 +755,19 @@ class HubSpotProvider(ProviderBase):
                 floor_ms = last_ms
 
     # ------------------------------------------------------------------ writes
+    @property
+    def fallback_calls_made(self) -> int:
+        """Calls beyond one per batch (and beyond the current introspection endpoint) spent recovering from a
+        whole-batch 400 or a missing endpoint; part of ``calls_made`` too. For benchmarks and reports."""
+        return self._fallback_calls
+
     def push_opportunities(self, changes: Sequence[OpportunityChange]) -> list[PushResult]:
         """Creates as ``batch/upsert`` on the idempotency property (a retried batch finds its records);
-        changes to records we know by id as ``batch/update``; 100 inputs per call."""
+        changes to records we know by id as ``batch/update``; 100 inputs per call.
+
+        Upsert results are matched to inputs by the ``objectWriteTraceId`` each input carries (the spec's
+        ``SimplePublicUpsertObject`` returns it; it neither echoes the idProperty value nor promises input
+        order); update results by record id."""
         key = self.config.idempotency_property
         results: dict[int, PushResult] = {}
         upserts: list[tuple[int, OpportunityChange]] = []
@@ -724,53 +776,137 @@ class HubSpotProvider(ProviderBase):
             (updates if ch.crm_id else upserts).append((i, ch))
         size = self.max_write_batch
         for start in range(0, len(upserts), size):
-            chunk = upserts[start : start + size]
-            inputs: list[dict[str, Any]] = [
-                {"idProperty": key, "id": ch.idempotency_key,
-                 "properties": {**properties_from_fields(ch.fields), key: ch.idempotency_key}}
-                for _, ch in chunk
-            ]
-            results.update(self._batch("upsert", chunk, inputs, match=lambda r: (r.get("properties") or {}).get(key)))
+            items = [(i, ch, {"idProperty": key, "id": ch.idempotency_key, "objectWriteTraceId": ch.idempotency_key,
+                              "properties": {**properties_from_fields(ch.fields), key: ch.idempotency_key}})
+                     for i, ch in upserts[start : start + size]]
+            results.update(self._batch("upsert", items))
         for start in range(0, len(updates), size):
-            chunk = updates[start : start + size]
-            inputs = [{"id": str(ch.crm_id), "properties": properties_from_fields(ch.fields)} for _, ch in chunk]
-            results.update(self._batch("update", chunk, inputs, match=lambda r: str(r.get("id"))))
+            items = [(i, ch, {"id": str(ch.crm_id), "properties": properties_from_fields(ch.fields)})
+                     for i, ch in updates[start : start + size]]
+            results.update(self._batch("update", items))
         return [results[i] for i in range(len(changes))]
 
-    def _batch(
-        self,
-        verb: str,
-        chunk: list[tuple[int, OpportunityChange]],
-        inputs: list[dict[str, Any]],
-        *,
-        match: Callable[[Mapping[str, Any]], Any],
-    ) -> dict[int, PushResult]:
-        keyed = {(ch.crm_id if verb == "update" else ch.idempotency_key): (i, ch) for i, ch in chunk}
-        try:
-            resp = self._request("POST", f"/crm/v3/objects/deals/batch/{verb}", json_body={"inputs": inputs})
-        except RecordError as exc:
-            return {i: PushResult(ch.idempotency_key, False, error=str(exc), error_code=exc.code) for i, ch in chunk}
-        body = _json(resp, "HubSpot")
+    def _batch(self, verb: str, items: list[tuple[int, OpportunityChange, dict[str, Any]]], *,
+               fallback: bool = False) -> dict[int, PushResult]:
+        """One batch call; on a whole-batch 400 naming an invalid property value (HubSpot fails every input for
+        one bad one, and names the property and value but not the input), fail the inputs it names and send
+        the rest again; when it names none we can single out, split the batch in halves."""
         out: dict[int, PushResult] = {}
-        for r in _results(body):
-            k = match(r)
-            if k in keyed:
-                i, ch = keyed[k]
+        pending = items
+        first = True
+        while pending:
+            if fallback or not first:  # every call after the chunk's first is a fallback call
+                self._fallback_calls += 1
+            first = False
+            resp = self._request("POST", f"/crm/v3/objects/deals/batch/{verb}",
+                                 json_body={"inputs": [inp for _, _, inp in pending]}, ok=(200, 201, 204, 207, 400))
+            if resp.status_code != 400:
+                out.update(self._batch_results(verb, pending, _json(resp, "HubSpot")))
+                return out
+            err = error_for_response(resp, record_key="")
+            details = _invalid_properties(resp)
+            if details is None:  # not about property values: the batch as a whole is refused
+                for i, ch, _ in pending:
+                    out[i] = PushResult(ch.idempotency_key, False, error=str(err), error_code=err.code)
+                return out
+            if len(pending) == 1:
+                i, ch, _ = pending[0]
+                out[i] = PushResult(ch.idempotency_key, False, error=str(err), error_code=err.code)
+                return out
+            named = _named_inputs(details, pending)
+            if named and len(named) < len(pending):
+                for i, ch, _ in pending:
+                    if i in named:
+                        out[i] = PushResult(ch.idempotency_key, False, error=str(err), error_code=err.code)
+                pending = [item for item in pending if item[0] not in named]
+                continue
+            # Nothing we can single out: halves, each a call of its own (about 2·log2(n) extra calls per bad input).
+            half = len(pending) // 2
+            out.update(self._batch(verb, pending[:half], fallback=True))
+            out.update(self._batch(verb, pending[half:], fallback=True))
+            return out
+        return out
+
+    def _batch_results(self, verb: str, items: list[tuple[int, OpportunityChange, dict[str, Any]]],
+                       body: Any) -> dict[int, PushResult]:
+        out: dict[int, PushResult] = {}
+        results = _results(body)
+        if verb == "update":
+            keyed = {str(inp["id"]): (i, ch) for i, ch, inp in items}
+            matched = [(keyed.get(str(r.get("id"))), r) for r in results]
+        else:
+            traced = {str(inp["objectWriteTraceId"]): (i, ch) for i, ch, inp in items}
+            if all(r.get("objectWriteTraceId") is not None for r in results):
+                matched = [(traced.get(str(r["objectWriteTraceId"])), r) for r in results]
+            elif len(results) == len(items):  # no trace ids at all: the input order
+                matched = [((i, ch), r) for (i, ch, _), r in zip(items, results, strict=True)]
+            else:
+                matched = []
+        for hit, r in matched:
+            if hit is not None and r.get("id") is not None:
+                i, ch = hit
                 out[i] = PushResult(ch.idempotency_key, True, crm_id=str(r.get("id")),
                                     created=bool(r.get("new", False)))
+        ids = {str(inp["id"]): (i, ch) for i, ch, inp in items}
         for err in body.get("errors") or []:
-            ids = [str(x) for x in ((err.get("context") or {}).get("ids") or [])]
-            for k in ids:
-                if k in keyed and keyed[k][0] not in out:
-                    i, ch = keyed[k]
+            ctx = err.get("context") or {}
+            for k in [str(x) for x in (ctx.get("ids") or []) + (ctx.get("objectWriteTraceId") or [])]:
+                if k in ids and ids[k][0] not in out:
+                    i, ch = ids[k]
                     out[i] = PushResult(ch.idempotency_key, False, error=str(err.get("message") or "rejected"),
                                         error_code=str(err.get("category") or "VALIDATION_ERROR"))
-        for i, ch in chunk:
+        for i, ch, _ in items:
             if i not in out:
                 out[i] = PushResult(ch.idempotency_key, False,
                                     error="HubSpot returned no result for this record: retry the sync.",
                                     error_code="NO_RESULT")
         return out
+
+
+_INVALID_PREFIX = "Property values were not valid: "
+#: Errors about the property itself rather than its value: every input that carries the property is named.
+_PROPERTY_ERRORS = {"PROPERTY_DOESNT_EXIST", "READ_ONLY_VALUE"}
+
+
+def _invalid_properties(resp: httpx.Response) -> list[Mapping[str, Any]] | None:
+    """The ``[{"isValid": false, "message", "error", "name"}]`` list a whole-batch VALIDATION_ERROR embeds
+    in its message (as quoted in Atlas-Authority/marketing-automation#174), or None for any other 400."""
+    try:
+        body = resp.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, Mapping) or body.get("category") != "VALIDATION_ERROR":
+        return None
+    message = str(body.get("message") or "")
+    if not message.startswith(_INVALID_PREFIX):
+        return None
+    try:
+        details = json.loads(message[len(_INVALID_PREFIX):])
+    except ValueError:
+        return []
+    if not isinstance(details, list):
+        return []
+    return [d for d in details if isinstance(d, Mapping) and d.get("name")]
+
+
+def _named_inputs(details: list[Mapping[str, Any]],
+                  items: list[tuple[int, OpportunityChange, dict[str, Any]]]) -> set[int]:
+    """The inputs an error list speaks of: those whose value of the named property the message quotes
+    (HubSpot opens the message with the value: "x was not one of the allowed options…", "x was not a valid
+    number."), or, for errors about the property itself, those that carry it. Another input with the same
+    value of the same property is invalid for the same reason, so no good input is ever named."""
+    named: set[int] = set()
+    for d in details:
+        name, message, code = str(d["name"]), str(d.get("message") or ""), str(d.get("error") or "")
+        for i, _, inp in items:
+            props = inp.get("properties") or {}
+            if name not in props:
+                continue
+            value = str(props[name])
+            if code in _PROPERTY_ERRORS or (value and (message.startswith(value + " ")
+                                                       or f" {value} is invalid" in message)):
+                named.add(i)
+    return named
 
 
 def _results(body: Any) -> list[dict[str, Any]]:

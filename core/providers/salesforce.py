@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -295,6 +296,29 @@ def map_fault(fault: zeep.exceptions.Fault) -> ProviderError:
     return cls(text, fix=fix, code=code)
 
 
+LOGIN_HOST = "https://login.salesforce.com"
+TEST_HOST = "https://test.salesforce.com"
+#: Hosts of sandbox (and scratch) orgs: My Domain ``<name>--<sandbox>.sandbox.my.salesforce.com``,
+#: ``….scratch.my.salesforce.com``, the legacy ``<name>--<sandbox>.<cs instance>.my.salesforce.com`` and
+#: ``csNN.salesforce.com`` forms, and test.salesforce.com itself.
+_SANDBOX_HOST = re.compile(
+    r"(^|\.)(sandbox|scratch)\.my\.salesforce\.com$|--[a-z0-9-]+\.(cs\d+\.)?my\.salesforce\.com$"
+    r"|^cs\d+\.salesforce\.com$|^test\.salesforce\.com$",
+    re.IGNORECASE,
+)
+
+
+def jwt_audience_for(base_url: str, override: Any = None) -> str:
+    """The ``aud`` of a JWT bearer assertion for the org at ``base_url`` (Salesforce Help, "OAuth 2.0 JWT
+    Bearer Flow for Server-to-Server Integration": the authorization server's URL —
+    https://login.salesforce.com for production and Developer Edition orgs, https://test.salesforce.com for
+    sandboxes). ``override`` is the account's ``jwt_audience`` field, which wins when set."""
+    if override not in (None, ""):
+        return str(override).rstrip("/")
+    host = (urlsplit(base_url).hostname or "").lower()
+    return TEST_HOST if _SANDBOX_HOST.search(host) else LOGIN_HOST
+
+
 def _map_oauth_error(status: int, body: Any, mode: str) -> ProviderError:
     err = str(body.get("error", "")) if isinstance(body, dict) else ""
     desc = str(body.get("error_description", "")) if isinstance(body, dict) else ""
@@ -312,13 +336,18 @@ def _map_oauth_error(status: int, body: Any, mode: str) -> ProviderError:
             "user (a Salesforce Integration user).",
             "jwt_bearer": "Check the certificate uploaded to the app matches the private key, the "
             "username, and that the user's profile is pre-authorized for the app.",
+            "jwt_bearer:audience": "The assertion's audience is not the login host this org accepts: a "
+            "sandbox org takes https://test.salesforce.com, a production or Developer Edition org "
+            "https://login.salesforce.com. Correct the account's My Domain URL, or set \"Login host for the "
+            "JWT bearer flow (audience)\" on the account.",
             "oauth_authorization_code": "The user's Salesforce authorization was revoked or expired: the "
             "user reconnects through their connect link.",
         }
+        key = f"{mode}:audience" if mode == "jwt_bearer" and "audience" in desc.lower() else mode
         return AuthenticationFailed(
             f"Salesforce refused the OAuth grant (invalid_grant: {desc})",
-            fix=fixes.get(mode, "Reconnect the credential."),
-            code="invalid_grant",
+            fix=fixes.get(key, "Reconnect the credential."),
+            code="invalid_audience" if key == "jwt_bearer:audience" else "invalid_grant",
         )
     if status == 429:
         return _map_http_status(429, "getting an OAuth token")
@@ -594,14 +623,7 @@ class SalesforceProvider(ProviderBase):
     def _jwt_assertion(self) -> str:
         import jwt as pyjwt
 
-        from core.providers.catalog import get_catalog
-
-        audience = self.account.setting("jwt_audience")
-        if audience is None:
-            mode = get_catalog().provider("salesforce").auth_mode("jwt_bearer")
-            # login.salesforce.com for real orgs; the instance itself elsewhere (the sandbox)
-            audience = getattr(mode, "audience", None) if self._host.endswith("salesforce.com") else (
-                self.account.base_url)
+        audience = jwt_audience_for(self.account.base_url, self.account.setting("jwt_audience"))
         now = int(time.time())
         claims = {"iss": self._need("client_id"), "sub": self._need("username"), "aud": audience,
                   "exp": now + 180}

@@ -12,7 +12,9 @@ header. Database and crypto work runs in the thread pool, one transaction per re
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -21,14 +23,39 @@ from starlette.routing import BaseRoute, Route
 
 from core.db import session_scope
 from core.errors import CrmBridgeError, NotFound, SessionInvalid
+from core.http_guard import SAML_AUTOSUBMIT_SCRIPT
+from core.ratelimit import RateLimiter
 from core.settings import get_settings
 from core.sso import service
-from core.sso.sp import MAX_RESPONSE_B64, AuthnStart
-from core.web import SESSION_COOKIE, cross_site, esc, html_page, set_session_cookie
+from core.sso.sp import MAX_RESPONSE_B64, REQUEST_TTL, AuthnStart
+from core.web import (
+    SESSION_COOKIE,
+    client_address,
+    cross_site,
+    csrf_ok,
+    csrf_token_for,
+    esc,
+    html_page,
+    set_session_cookie,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_ACS_BODY = MAX_RESPONSE_B64 * 2 + 16_384  # form-encoding can double base64's size
+# Anonymous ends, per client address and replica: each sign-in start writes a request row, each ACS
+# post costs a validation (and its refusals are audited, aggregated in core.sso.service._noisy_event).
+START_LIMIT = RateLimiter(limit=20, window=60)
+ACS_LIMIT = RateLimiter(limit=30, window=60)
+
+
+def _too_many(request: Request, limiter: RateLimiter, *, console: bool = True) -> Response | None:
+    verdict = limiter.hit(client_address(request))
+    if verdict.allowed:
+        return None
+    resp = _error_page("Single sign-on", "Too many single sign-on attempts from your network address.",
+                       f"Wait {verdict.retry_after} seconds and try again.", 429, console=console)
+    resp.headers["Retry-After"] = str(verdict.retry_after)
+    return resp
 
 
 def _error_page(title: str, message: str, fix: str, status: int, *, console: bool = True) -> Response:
@@ -40,17 +67,51 @@ def _error_page(title: str, message: str, fix: str, status: int, *, console: boo
     return html_page(title, body, status)
 
 
-def _send_to_idp(start: AuthnStart) -> Response:
-    """Redirect binding: 302 to the IdP. POST binding: an auto-submitting form (POST-only IdPs)."""
+# --- binding a sign-in to the browser that started it (login CSRF) ---------------------------------------
+# Sending a browser to the IdP sets a cookie named after the AuthnRequest id holding a MAC of it (path: the
+# tenant's ACS). The ACS accepts an answer to that request only from a browser holding the cookie. An IdP
+# posts cross-site, where a SameSite=Lax cookie is not sent: then the ACS answers with a form that posts
+# the same response again from our own origin (the cookie goes along), marked relayed; a relayed post
+# without the cookie is refused.
+
+BINDING_COOKIE_PREFIX = "crmbridge_saml_"
+RELAYED_FIELD = "crmbridge_relayed"
+
+
+def binding_cookie_name(request_id: str) -> str:
+    return BINDING_COOKIE_PREFIX + hashlib.sha256(request_id.encode()).hexdigest()[:20]
+
+
+def binding_value(request_id: str) -> str:
+    return csrf_token_for("saml-browser|" + request_id)
+
+
+def _started_here(request: Request) -> Callable[[str], bool]:
+    def check(request_id: str) -> bool:
+        return csrf_ok("saml-browser|" + request_id, request.cookies.get(binding_cookie_name(request_id)))
+    return check
+
+
+def _auto_post(action: str, fields: dict[str, str], title: str, button: str) -> Response:
+    inputs = "".join(f"<input type=hidden name='{esc(k)}' value='{esc(v)}'>" for k, v in fields.items())
+    body = (f"<h1>{esc(title)}</h1><form id=saml method=post action='{esc(action)}'>{inputs}"
+            f"<noscript><button type=submit>{esc(button)}</button></noscript></form>"
+            f"<script>{SAML_AUTOSUBMIT_SCRIPT}</script>")
+    return html_page(title, body)
+
+
+def _send_to_idp(start: AuthnStart, slug: str) -> Response:
+    """Redirect binding: 302 to the IdP. POST binding: an auto-submitting form (POST-only IdPs).
+    Either way the browser gets the binding cookie for this request."""
     if not start.form:
         resp: Response = RedirectResponse(start.url, status_code=302)
         resp.headers["Cache-Control"] = "no-store"
-        return resp
-    inputs = "".join(f"<input type=hidden name='{esc(k)}' value='{esc(v)}'>" for k, v in start.form.items())
-    body = (f"<h1>Signing in…</h1><form id=saml method=post action='{esc(start.url)}'>{inputs}"
-            "<noscript><button type=submit>Continue to your identity provider</button></noscript></form>"
-            "<script>document.getElementById('saml').submit()</script>")
-    return html_page("Signing in", body)
+    else:
+        resp = _auto_post(start.url, start.form, "Signing in…", "Continue to your identity provider")
+    resp.set_cookie(binding_cookie_name(start.request_id), binding_value(start.request_id),
+                    max_age=int(REQUEST_TTL.total_seconds()), httponly=True, samesite="lax",
+                    secure=get_settings().public_url.startswith("https://"), path=f"/sso/{slug}/acs")
+    return resp
 
 
 async def metadata(request: Request) -> Response:
@@ -70,6 +131,8 @@ async def metadata(request: Request) -> Response:
 
 async def login(request: Request) -> Response:
     slug = request.path_params["tenant"]
+    if (limited := _too_many(request, START_LIMIT)) is not None:
+        return limited
     relay = request.query_params.get("next")
 
     def work() -> AuthnStart:
@@ -80,7 +143,7 @@ async def login(request: Request) -> Response:
         start = await run_in_threadpool(work)
     except CrmBridgeError as exc:
         return _error_page("Single sign-on", str(exc), "", 404)
-    return _send_to_idp(start)
+    return _send_to_idp(start, slug)
 
 
 async def test(request: Request) -> Response:
@@ -105,11 +168,13 @@ async def test(request: Request) -> Response:
         return RedirectResponse(f"/auth/login?next=/sso/{slug}/test", status_code=303)
     except CrmBridgeError as exc:
         return _error_page("Test login", str(exc), "", 403)
-    return _send_to_idp(start)
+    return _send_to_idp(start, slug)
 
 
 async def connect_start(request: Request) -> Response:
     slug = request.path_params["tenant"]
+    if (limited := _too_many(request, START_LIMIT, console=False)) is not None:
+        return limited
     sealed = request.query_params.get("r")
 
     def work() -> AuthnStart:
@@ -121,11 +186,13 @@ async def connect_start(request: Request) -> Response:
     except CrmBridgeError as exc:
         return _error_page("Single sign-on", str(exc), "", 404 if isinstance(exc, NotFound) else 400,
                            console=False)
-    return _send_to_idp(start)
+    return _send_to_idp(start, slug)
 
 
 async def acs(request: Request) -> Response:
     slug = request.path_params["tenant"]
+    if (limited := _too_many(request, ACS_LIMIT)) is not None:
+        return limited
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_ACS_BODY):
         return _error_page("Single sign-on", "The SAML response is too large.", "Sign in again.", 413)
@@ -138,16 +205,30 @@ async def acs(request: Request) -> Response:
     if not isinstance(saml_response, str) or not saml_response:
         return _error_page("Single sign-on", "No SAMLResponse was posted.", "Sign in again from the IdP.", 400)
 
+    relayed = form.get(RELAYED_FIELD) == "1"
+
     def work() -> service.AcsOutcome:
         with session_scope() as s:
             return service.consume_response(session=s, tenant_slug=slug, saml_response=saml_response,
-                                            relay_state=relay if isinstance(relay, str) else None)
+                                            relay_state=relay if isinstance(relay, str) else None,
+                                            started_here=_started_here(request),
+                                            source=client_address(request))
 
     try:
         outcome = await run_in_threadpool(work)
     except CrmBridgeError as exc:  # configuration problems (keys), never a bad response
         log.warning("sso: ACS for %s failed: %s", slug, exc)
         return _error_page("Single sign-on", str(exc), "", 500)
+    if outcome.code == "other_browser" and not relayed:
+        # Posted cross-site (the IdP's page), so the SameSite=Lax binding cookie stayed behind: post the
+        # same response again from our own origin, where the browser sends it.
+        fields = {"SAMLResponse": saml_response, RELAYED_FIELD: "1"}
+        if isinstance(relay, str):
+            fields["RelayState"] = relay
+        return _auto_post(get_settings().public(f"/sso/{slug}/acs"), fields, "Signing in…", "Continue")
+    if outcome.code == "other_browser":
+        return _error_page("Single sign-on failed", outcome.message, outcome.fix, 403,
+                           console=outcome.purpose != service.PURPOSE_CONNECT)
     if outcome.purpose == service.PURPOSE_TEST and outcome.redirect:
         return RedirectResponse(outcome.redirect, status_code=303)
     if outcome.purpose == service.PURPOSE_CONNECT:

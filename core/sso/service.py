@@ -32,6 +32,7 @@ from sqlmodel import Session, col, select
 from core.accounts.secrets import open_platform, seal_platform
 from core.clock import aware, utcnow
 from core.errors import CredentialInvalid, InvalidInput, MetadataInvalid, NotFound
+from core.ratelimit import NoiseAggregator
 from core.settings import get_settings
 from core.sso.fetch import FetchResult, Resolver, fetch_metadata
 from core.sso.lint import (
@@ -1044,6 +1045,28 @@ def _acs_target(session: Session, slug: str) -> _AcsTarget | None:
     return _AcsTarget(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]))
 
 
+# Refusals an anonymous poster can provoke at will: one audit row per (event, tenant, source, code) and
+# window, carrying how many were held back since the previous row (the log has each one).
+NOISE_WINDOW_SECONDS = 600
+_noise = NoiseAggregator(NOISE_WINDOW_SECONDS)
+
+
+def _noisy_event(session: Session, *, source: str | None, principal: Principal | str, action: str,
+                 tenant_id: int, target: str, details: dict[str, Any], at: datetime) -> None:
+    if source is None:
+        record_event(session, principal=principal, action=action, tenant_id=tenant_id, target=target,
+                     details=details or None, at=at)
+        return
+    held = _noise.admit((action, tenant_id, source, details.get("code")))
+    if held is None:
+        log.info("sso: %s for tenant %s from %s (audited once per %d s)", action, tenant_id, source,
+                 NOISE_WINDOW_SECONDS)
+        return
+    record_event(session, principal=principal, action=action, tenant_id=tenant_id, target=target,
+                 details={**details, "source": source, "held_back_since_last": held,
+                          "window_s": NOISE_WINDOW_SECONDS}, at=at)
+
+
 def consume_response(
     *,
     session: Session,
@@ -1051,8 +1074,18 @@ def consume_response(
     saml_response: str,
     relay_state: str | None = None,
     now: datetime | None = None,
+    started_here: Callable[[str], bool] | None = None,
+    source: str | None = None,
 ) -> AcsOutcome:
     """Handle a POST to ``/sso/{tenant}/acs``. Never raises for a bad response: the outcome says why.
+
+    ``started_here(request_id)`` says whether the browser posting holds the binding set when it was sent
+    to the IdP for that request (core.sso.routes; None for callers without a browser: demo seeding). An
+    answer to a request another browser started is refused as ``other_browser`` and the request is left
+    unused — a captured response posted from a victim's browser signs nobody in (login CSRF).
+
+    ``source`` is the client address of an anonymous post: the refusals anyone can provoke are then
+    audited once per (event, tenant, source) and window, with the number held back since (``_noise``).
 
     The response must answer an AuthnRequest this tenant sent (unused, unexpired; the request is
     consumed whatever the verdict), unless the tenant opted in to IdP-initiated sign-in; it must pass
@@ -1098,12 +1131,17 @@ def consume_response(
         if (aware(request.expires_at) or now) <= now:
             return _refused("request_expired", "This sign-in request expired (10 minutes).", "Start the sign-in "
                             "again.", purpose=request.purpose)
+        if started_here is not None and not started_here(irt):
+            log.info("sso: response for request %s posted from a browser that did not start it", irt[:40])
+            return _refused("other_browser", "This sign-in was not started in this browser, so it cannot finish "
+                            "here (a sign-in response is only accepted from the browser that asked for it).",
+                            f"Start the sign-in again in this browser: {public(f'/sso/{tenant.slug}/login')}",
+                            purpose=request.purpose)
         purpose = request.purpose
     else:
         if not tenant.allow_idp_initiated:
-            record_event(session, principal=ACS_PRINCIPAL, action="sso.idp_initiated_refused",
-                         tenant_id=tenant.tenant_id,
-                         target=f"tenant:{tenant.slug}", at=now)
+            _noisy_event(session, source=source, principal=ACS_PRINCIPAL, action="sso.idp_initiated_refused",
+                         tenant_id=tenant.tenant_id, target=f"tenant:{tenant.slug}", details={}, at=now)
             return _refused("idp_initiated", "IdP-initiated sign-in is not enabled for this tenant: the response "
                             "does not answer a request from CRM Bridge.",
                             f"Start from CRM Bridge: {public(f'/sso/{tenant.slug}/login')}")
@@ -1157,9 +1195,9 @@ def consume_response(
         assert request is not None  # a connect sign-in always answers our request
         return _connect_outcome(session, tenant=tenant, result=result, request=request, now=now)
     if not result.ok:
-        record_event(session, principal=result.email or ACS_PRINCIPAL.email, action="sso.sign_in.refused",
-                     tenant_id=tenant.tenant_id, target=f"tenant:{tenant.slug}", details={"code": result.code},
-                     at=now)
+        _noisy_event(session, source=source, principal=result.email or ACS_PRINCIPAL.email,
+                     action="sso.sign_in.refused", tenant_id=tenant.tenant_id, target=f"tenant:{tenant.slug}",
+                     details={"code": result.code}, at=now)
         return _refused(result.code, f"Single sign-on failed: {result.error}", result.fix or "Sign in again.",
                         purpose=purpose)
     return _sign_in(session, tenant=tenant, result=result,

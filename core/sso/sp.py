@@ -467,6 +467,31 @@ _ERROR_MAP: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: python3-saml's OneLogin_Saml2_Utils.parse_SAML_to_time: "time data … does not match format …Z".
+_TIME_FORMAT_ERROR = re.compile(r"time data .* does not match format")
+_SAML_TIME_ATTRS = ("IssueInstant", "NotBefore", "NotOnOrAfter", "AuthnInstant", "SessionNotOnOrAfter")
+_UTC_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+
+
+def _non_utc_times(root: etree._Element, resp: OneLogin_Saml2_Response | None) -> list[tuple[str, str, str]]:
+    """(element, attribute, value) of every SAML time value not written in the UTC 'Z' form, in the posted
+    document and (for an encrypted assertion) the decrypted one."""
+    found: list[tuple[str, str, str]] = []
+    docs = [root] + ([resp.document] if resp is not None and getattr(resp, "document", None) is not None else [])
+    for doc in docs:
+        for el in doc.iter():
+            if not isinstance(el.tag, str):
+                continue
+            for attr in _SAML_TIME_ATTRS:
+                value = el.get(attr)
+                if value is not None and not _UTC_Z.match(value.strip()):
+                    item = (f"saml:{etree.QName(el).localname}" if etree.QName(el).namespace == NS_SAML
+                            else f"samlp:{etree.QName(el).localname}", attr, value)
+                    if item not in found:
+                        found.append(item)
+    return found
+
+
 def _map_error(message: str) -> tuple[str, str]:
     for needle, code, fix in _ERROR_MAP:
         if needle in message:
@@ -602,6 +627,23 @@ def validate_saml_response(
             ok = resp.is_valid(rd, request_id=request_id, raise_exceptions=True)
     except Exception as exc:  # python3-saml raises plain and library errors alike
         message = str(exc) or type(exc).__name__
+        bad_times = _non_utc_times(root, resp) if _TIME_FORMAT_ERROR.search(message) else []
+        if bad_times:
+            where = "; ".join(f'{attr}="{value}" on <{elem}>' for elem, attr, value in bad_times[:4])
+            result.add("SAML time values in UTC ('Z')", False, where)
+            if trace and resp is not None:
+                _detail_checks(result, resp, settings, rd, now)
+            _fill_identity(result, resp)
+            return result.fail(
+                "timestamp_format",
+                f"The IdP wrote SAML time values with a UTC offset instead of the 'Z' form: {where}. SAML 2.0 "
+                "requires every time value in UTC with no time zone component (SAML Core §1.3.3), and the "
+                "response is refused.",
+                "At the IdP, have the CRM Bridge application issue timestamps (IssueInstant, NotBefore, "
+                "NotOnOrAfter, AuthnInstant) in UTC ending in 'Z' — e.g. 2026-12-04T10:00:00Z, not "
+                "2026-12-04T10:00:00+00:00; this is usually the IdP's date/time format or time zone setting "
+                "for the application, or a custom response template. Then run a test login.",
+            )
         code, fix = _map_error(message)
         result.add("python3-saml strict validation", False, message)
         if trace and resp is not None:

@@ -195,3 +195,14 @@ class AuditHead(SQLModel, table=True):
     chain: str = Field(primary_key=True, max_length=40)
     seq: int = Field(default=0)
     last_hmac: str = Field(default="", max_length=64)
+
+
+class HealthProbe(SQLModel, table=True):
+    """One row /healthz rewrites on every check, so the check proves the database accepts a write
+    (a full disk or a read-only database fails it) and not only that it answers a SELECT."""
+
+    __tablename__ = "health_probe"
+
+    id: int = Field(primary_key=True)
+    checked_at: datetime = Field(sa_column=utc_column(nullable=False))
+    checks: int = Field(default=0)

@@ -134,12 +134,33 @@ async def logout_post(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    try:
-        with get_engine().connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - health reports any database failure
-        log.warning("healthz: database unreachable: %s", type(exc).__name__)
-        return JSONResponse({"status": "error", "database": "unreachable"}, status_code=503)
+    """ok only when the database answers AND accepts a write (the probe row is rewritten and
+    committed); otherwise 503 naming what failed."""
+    from starlette.concurrency import run_in_threadpool
+
+    from core.clock import utcnow
+    from core.db import describe_db_failure
+    from core.tenants.models import HealthProbe
+
+    def check() -> tuple[str, str | None]:
+        try:
+            with get_engine().connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - health reports any database failure
+            return "unreachable", describe_db_failure(exc) or type(exc).__name__
+        try:
+            with session_scope() as s:
+                probe = s.get(HealthProbe, 1) or HealthProbe(id=1, checked_at=utcnow())
+                probe.checked_at, probe.checks = utcnow(), probe.checks + 1
+                s.add(probe)
+        except Exception as exc:  # noqa: BLE001
+            return "write_failed", describe_db_failure(exc) or f"the database refused a write ({type(exc).__name__})"
+        return "ok", None
+
+    state, error = await run_in_threadpool(check)
+    if state != "ok":
+        log.warning("healthz: database %s: %s", state, error)
+        return JSONResponse({"status": "error", "database": state, "error": error}, status_code=503)
     return JSONResponse({"status": "ok", "database": "ok"})
 
 

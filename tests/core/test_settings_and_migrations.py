@@ -20,6 +20,36 @@ def test_placeholder_secret_refused_outside_demo():
         Settings(demo=False, secret_key="changeme")
 
 
+@pytest.mark.parametrize("weak", [
+    "x",  # the reported 1-byte key
+    "a" * 64,  # long but one symbol (also valid hex: 32 equal bytes)
+    "00" * 32,
+    "dGVzdC1zZXJ2ZXItc2VjcmV0LWZvci1jcm1icmlkZ2UtdGVzdHM",  # base64 of an English phrase
+    "hunter2hunter2hunter2hunter2hunter2hunter2",
+    "2mvjKMXogoGfFmFYmSzfNg",  # random, but only 16 bytes
+])
+def test_low_entropy_secret_refused_outside_demo_with_the_fix(weak):
+    """Issue 14 (Low): a 1-byte CRMBRIDGE_SECRET_KEY was accepted outside demo (it keys the audit chain's
+    HMAC, CSRF tokens and signed links)."""
+    with pytest.raises(ValueError, match="too weak") as exc:
+        Settings(demo=False, secret_key=weak)
+    assert "secrets.token_urlsafe(32)" in str(exc.value) and "256" in str(exc.value)
+    Settings(demo=True, secret_key=weak)  # demo mode keeps working with anything
+
+
+@pytest.mark.parametrize("encode", [
+    lambda b: __import__("base64").urlsafe_b64encode(b).decode().rstrip("="),
+    lambda b: __import__("base64").b64encode(b).decode(),
+    lambda b: b.hex(),
+])
+def test_random_32_byte_secret_accepted_in_every_encoding(encode):
+    import secrets
+
+    key = encode(secrets.token_bytes(32))
+    assert Settings(demo=False, secret_key=key).server_secret()
+    Settings(demo=False, secret_key="a long passphrase: seven quiet otters juggle forty-two amber lanterns at dusk")
+
+
 def test_no_secret_outside_demo_stops_start_up(tmp_path):
     s = Settings(demo=False, secret_key="", secret_key_file=tmp_path / "k")
     with pytest.raises(RuntimeError, match="CRMBRIDGE_SECRET_KEY"):

@@ -30,8 +30,12 @@ CONSOLE = "http://127.0.0.1:8501"  # CRMBRIDGE_PUBLIC_URL's default
 
 @pytest.fixture(autouse=True)
 def _fresh_caches() -> Iterator[None]:
+    from core.sso.routes import ACS_LIMIT, START_LIMIT
+
     _settings_cache.clear()
     _metadata_cache.clear()
+    for per_process in (ACS_LIMIT, START_LIMIT, service._noise):  # every test is a fresh source
+        per_process.clear()
     yield
     _settings_cache.clear()
     _metadata_cache.clear()
@@ -48,6 +52,7 @@ def saml_idp() -> SamlIdp:
 def idp(saml_idp: SamlIdp) -> SamlIdp:
     saml_idp.sps.clear()
     saml_idp.pending.clear()
+    saml_idp.offset_timestamps = False
     return saml_idp
 
 

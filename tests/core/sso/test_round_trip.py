@@ -10,7 +10,7 @@ from sqlmodel import func, select
 from core.sso.lint import lint_metadata
 from core.sso.models import SsoConfig, SsoRequest, SsoTrace
 from core.tenants.auth import principal_from_token
-from core.tenants.models import ConsoleSession
+from core.tenants.models import AuditEvent, ConsoleSession
 from core.web import SESSION_COOKIE
 from tests.core.sso.conftest import CONSOLE, SsoWorld
 
@@ -254,3 +254,31 @@ def test_test_start_requires_a_console_session_of_that_tenant(sso_world: SsoWorl
                                    cookies={SESSION_COOKIE: w.token_for("cs@crmbridge.example")},
                                    follow_redirects=False)
     assert from_elsewhere.status_code == 403 and "Single sign-on page" in from_elsewhere.text
+
+
+def test_offset_timestamps_are_refused_with_what_is_wrong_and_the_fix(sso_world: SsoWorld) -> None:
+    """An IdP writing "+00:00" instead of "Z" (SAML Core §1.3.3 wants UTC with no zone): still refused, but
+    the test-login trace names the attributes, the rule, and what the IdP admin changes."""
+    import json
+
+    w = sso_world
+    w.import_idp("bigcorp")
+    w.idp.register_sp("bigcorp", w.console.get("/sso/bigcorp/metadata").content)
+    w.idp.offset_timestamps = True
+    token = w.token_for("admin@bigcorp.example")
+    before = _sessions(w)
+    start = w.console.get("/sso/bigcorp/test", cookies={SESSION_COOKIE: token}, follow_redirects=False)
+    action, fields = w.idp_login(start.headers["location"], "admin@bigcorp.example")
+    done = w.post_acs(action, fields)
+    assert done.status_code == 303 and _sessions(w) == before
+    with w.session() as s:
+        trace = s.exec(select(SsoTrace)).one()
+        event = s.exec(select(AuditEvent).where(AuditEvent.action == "sso.test.failed")).one()
+    assert json.loads(event.details)["code"] == "timestamp_format"
+    error = trace.error or ""
+    assert not trace.ok and "+00:00" in error and "UTC" in error and "does not match format" not in error
+    assert "NotOnOrAfter" in error and "'Z'" in error
+    assert "2026-12-04T10:00:00Z" in error and "test login" in error  # the fix, for the IdP admin
+    checks = {c["name"]: c for c in json.loads(trace.checks_json)}
+    assert checks["SAML time values in UTC ('Z')"]["ok"] is False
+    assert _config(w).last_test_ok is False
