@@ -237,7 +237,57 @@ def run_all(sandbox: SandboxHandle, *, quick: bool, budget: float) -> dict[str, 
               f"{math.ceil(n / v.default_page):,} reads of {v.default_page}), "
               f"{2 * naive_n / naive.seconds:,.0f} records/s; logins/token fetches: {naive.auth_calls}{sample}")
         print(f"   ratio: ours / minimum = {ratio:.2f}; naive / ours = {naive_calls_n / ours.calls:,.1f}x\n")
+        if v.key == "dynamics":
+            dynamics_fallbacks(sandbox, v, n, tag)
     return ratios
+
+
+def _behaviour(sandbox: SandboxHandle, **body: object) -> None:
+    sandbox.http.post("/_sandbox/dynamics/dynco/behaviour", json=body).raise_for_status()
+
+
+def dynamics_fallbacks(sandbox: SandboxHandle, v: Vendor, n: int, tag: str) -> None:
+    """The calls Dynamics fallbacks cost, apart from the ratio (which is counted on the bulk path):
+
+    - a table without UpsertMultiple (0x80040800): one refused UpsertMultiple, then a $batch of single
+      upserts per 1,000 (the same cap), so push + pull stays at the minimum plus that one refusal;
+    - $batch per-part impersonation ignored: a chunk mixing actors is one $batch whose answer shows no
+      createdonbehalfby, then one request per actor; later mixed chunks go per actor directly.
+    """
+    print("   fallbacks (each on the sandbox's matching mode, counted apart from the ratio):")
+    _behaviour(sandbox, unsupported_messages=["UpsertMultiple"])
+    try:
+        p = dynamics(sandbox, False)
+        run = measure(p, n, f"{v.key}-{tag}-nobulk", v.stage)
+        spent = getattr(p, "fallback_calls", {})
+        print(f"   - table without UpsertMultiple: {run.calls} calls for N = {n:,} ({run.push_calls} push + "
+              f"{run.pull_calls} pull; minimum {v.minimum(n)}); calls spent in the fallback: "
+              f"{sum(spent.values())} {spent}")
+    finally:
+        _behaviour(sandbox, unsupported_messages=[])
+    actors = ["5d0c1e6a-0000-4000-8000-000000000001", "5d0c1e6a-0000-4000-8000-000000000002",
+              "5d0c1e6a-0000-4000-8000-000000000003"]
+    per_actor = 300  # three actors' remainders under 1,000 share one mixed chunk
+    mixed = [OpportunityChange(idempotency_key=f"{v.key}-{tag}-imp-{a[-1]}-{i:04d}",
+                               fields={"name": f"Bench impersonation {i}", "stage": v.stage},
+                               act_as_crm_user_id=a) for a in actors for i in range(per_actor)]
+    for mode in ("honoured", "ignored"):
+        _behaviour(sandbox, batch_part_impersonation=mode)
+        try:
+            p = dynamics(sandbox, False)
+            keys = [f"{c.idempotency_key}-{mode}" for c in mixed]
+            results = p.push_opportunities([OpportunityChange(k, c.fields, act_as_crm_user_id=c.act_as_crm_user_id)
+                                            for k, c in zip(keys, mixed, strict=True)])
+            if not all(r.ok for r in results):
+                raise SystemExit(f"dynamics impersonation ({mode}): {sum(not r.ok for r in results)} records failed")
+            spent = getattr(p, "fallback_calls", {})
+            paths = sorted({r.write_path or "" for r in results})
+            print(f"   - {len(mixed)} records of {len(actors)} actors in one chunk, per-part impersonation {mode}: "
+                  f"{p.calls_made} calls (1 user lookup + writes); calls spent in the fallback: "
+                  f"{sum(spent.values())} {spent}; written via {', '.join(paths)}")
+        finally:
+            _behaviour(sandbox, batch_part_impersonation="honoured")
+    print()
 
 
 def hubspot_fallbacks(sandbox: SandboxHandle) -> None:

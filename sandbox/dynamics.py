@@ -8,6 +8,8 @@ Routes (``routes(state)``; one sandbox process serves every environment):
     *     /dynamics/{env}/api/data/v9.2/...              the Web API of environment ``env`` (org key)
     POST  /_sandbox/dynamics/{env}/limits                {"requests": n, "window_s": s, "concurrent": c}
     POST  /_sandbox/dynamics/{env}/advance               {"seconds": n}: move this vendor's clock forward
+    POST  /_sandbox/dynamics/{env}/behaviour             {"unsupported_messages": ["UpsertMultiple"],
+                                                          "batch_part_impersonation": "ignored"|"honoured"}
 
 What it enforces, as Dataverse does (Microsoft Learn, checked 2026-11):
 
@@ -31,7 +33,28 @@ What it enforces, as Dataverse does (Microsoft Learn, checked 2026-11):
   needs the Delegate role. Records get ``createdby``/``modifiedby`` = the impersonated user and
   ``createdonbehalfby``/``modifiedonbehalfby`` = the application user.
 - **Bulk messages** on this standard table are all-or-nothing: one bad target fails (and changes nothing
-  of) the whole request.
+  of) the whole request. ``UpsertMultiple`` answers ``204 No Content`` with no body (Microsoft Learn, Web API
+  reference "UpsertMultiple Action": "The UpsertMultiple action returns 204 NoContent. The
+  UpsertMultipleResponse complex type is not returned.").
+- **Alternate key values belong in the URL / ``@odata.id``, not the body** (powerapps-docs
+  use-upsert-insert-update-record.md, "Guidance for composing requests": "When you use alternate keys to
+  identify a record, don't include the alternate key data in the portion of the request that represents the
+  data to save"). On the create path Dataverse answers ``400`` ``0x80040216`` "An unexpected error
+  occurred." (reported with the request and answer in microsoft/PowerPlatform-DataverseClient-Python#127);
+  the update path tolerates it, and so does the sandbox.
+- **Not every table supports the bulk messages** (powerapps-docs bulk-operations.md: "Not all standard
+  tables support these messages"; PowerApps-Samples checks ``sdkmessagefilter`` before using them). An
+  environment can be played without them (scenario ``unsupported_messages`` or the ``behaviour`` admin
+  route): the message is refused with the SDK fault Dataverse raises for a message a table has no processor
+  for, ``0x80040800`` "The 'UpsertMultiple' method does not support entities of type 'opportunity'.
+  MessageProcessorCache returned MessageProcessor.Empty." as HTTP 400 (code and text as reported from real
+  environments, e.g. for Delete on appmodulecomponent; the text is the platform's SdkEntityDoesNotSupportMessage).
+- **Per-part impersonation in ``$batch``** can be played as ignored (``batch_part_impersonation: ignored``):
+  the part runs as the application user, as reported in MicrosoftDocs/dynamics-365-customer-engagement#531
+  ("the request is processed successfully, but the impersonation header seems to get ignored"). Headers on
+  the outer ``$batch`` request still apply.
+- **Multipart bodies** are read with CRLF or bare LF line ends: the examples in Microsoft's own batch
+  documentation (execute-batch-operations-using-web-api.md) are LF-only.
 - Tokens expire (``expires_in`` 3599 by default); ``/_sandbox/faults/{env}/expire-sessions`` kills them.
   ``quota_exhausted`` answers every Web API call with the service-protection 429.
 
@@ -112,6 +135,8 @@ class Environment:
     in_flight: dict[str, int] = field(default_factory=dict)
     throttled: int = 0
     version: int = 1000
+    unsupported_messages: set[str] = field(default_factory=set)  # e.g. {"UpsertMultiple"}
+    batch_part_impersonation: str = "honoured"  # or "ignored"
 
     def app_user(self, client_id: str) -> dict[str, Any] | None:
         return next((u for u in self.users.values() if u.get("applicationid") == client_id), None)
@@ -194,6 +219,8 @@ class DynamicsStore:
             concurrent=int(sp.get("concurrent", DEFAULT_CONCURRENT)),
             token_lifetime_s=int(raw.get("token_lifetime_s", 3599)),
             licenses=list(raw.get("licenses") or []),
+            unsupported_messages={str(m) for m in raw.get("unsupported_messages") or ()},
+            batch_part_impersonation=str(raw.get("batch_part_impersonation") or "honoured"),
         )
         people = [u for u in users.values() if not u["applicationid"]]
         count = int((raw.get("opportunities") or {}).get("generate", 0)) if isinstance(
@@ -604,6 +631,10 @@ def _opportunities(store: DynamicsStore, call: Call, method: str, key: str | Non
             raise DataverseError(404, "0x80040217", f"opportunity With Id = {value} Does Not Exist")
         if if_none == "*" and exists:
             raise DataverseError(412, "0x80040237", "A record with matching key values already exists.")
+        if kind != "id" and not exists:
+            # Stricter than the documented tolerance on a single PATCH, on purpose: the same guidance
+            # ("don't include the alternate key data in the body") and the bulk answer above.
+            _key_in_body_on_create(env, (kind, value), data)
         row, created = _upsert(store, call, (kind, value), data)
         return _written(call, row, created, headers, params)
     if method == "DELETE" and key is not None:
@@ -736,10 +767,30 @@ def _upsert(store: DynamicsStore, call: Call, key: tuple[str, str] | None, data:
     return row, created
 
 
+def _key_in_body_on_create(env: Environment, key: tuple[str, str], data: dict[str, Any]) -> None:
+    """Refuse an alternate-key value repeated in the body of an upsert that would create the record.
+
+    powerapps-docs use-upsert-insert-update-record.md: "don't include the alternate key data in the portion of
+    the request that represents the data to save". Real answer on the create path (request and response in
+    microsoft/PowerPlatform-DataverseClient-Python#127): 400 {"error":{"code":"0x80040216","message":"An
+    unexpected error occurred."}}; the update path tolerates the repeated value."""
+    kind, value = key
+    if kind == "id" or kind not in data:
+        return
+    if env.by_key.get(value) is None:
+        raise DataverseError(400, "0x80040216", "An unexpected error occurred.")
+
+
 def _bulk(store: DynamicsStore, call: Call, action: str, body: bytes) -> Answer:
     name = action.removeprefix("Microsoft.Dynamics.CRM.")
     if name not in {"CreateMultiple", "UpdateMultiple", "UpsertMultiple"}:
         raise DataverseError(404, "0x8006088a", f"Resource not found for the segment '{action}'.")
+    if name in call.env.unsupported_messages:
+        # The table has no sdkmessagefilter for this message (bulk-operations.md: "Not all standard tables
+        # support these messages"): Dataverse's SdkEntityDoesNotSupportMessage fault, HTTP 400.
+        raise DataverseError(400, "0x80040800",
+                             f"The '{name}' method does not support entities of type 'opportunity'. "
+                             "MessageProcessorCache returned MessageProcessor.Empty.")
     data = _json_body(body)
     targets = data.get("Targets")
     if not isinstance(targets, list) or not targets:
@@ -773,6 +824,8 @@ def _bulk(store: DynamicsStore, call: Call, action: str, body: bytes) -> Answer:
                 raise DataverseError(400, "0x80040237",
                                      f"Targets contains more than one record with the key {key[1]}.")
             seen.add(key)
+        if key is not None and name == "UpsertMultiple":
+            _key_in_body_on_create(env, key, t)
         _validate(env, {k: v for k, v in t.items() if k != "opportunityid"})
         if name == "UpdateMultiple" and key is not None and key[0] == "id" and key[1] not in env.opportunities:
             raise DataverseError(404, "0x80040217", f"opportunity With Ids = {key[1]} Do Not Exist")
@@ -798,8 +851,10 @@ def _bulk(store: DynamicsStore, call: Call, action: str, body: bytes) -> Answer:
                             "CreateMultipleResponse", "Ids": [r["Target"]["opportunityid"] for r in results]})
     if name == "UpdateMultiple":
         return Answer(204)
-    return Answer(200, {"@odata.context": f"{call.base}{API}/$metadata#Microsoft.Dynamics.CRM.UpsertMultipleResponse",
-                        "Results": results})
+    # Microsoft Learn, UpsertMultiple Action: "The UpsertMultiple action returns 204 NoContent. The
+    # UpsertMultipleResponse complex type is not returned." (PowerApps-Samples' Web API UpsertMultiple sample
+    # reads no body either.)
+    return Answer(204)
 
 
 def _roll_back(env: Environment, undo: list[tuple[str, dict[str, Any] | None]]) -> None:
@@ -816,6 +871,23 @@ def _roll_back(env: Environment, undo: list[tuple[str, dict[str, Any] | None]]) 
 
 
 # ------------------------------------------------------------------------------ $batch
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+
+
+def _split_head(block: bytes) -> tuple[bytes, bytes]:
+    """(headers, rest) at the first blank line, whether lines end in CRLF or a bare LF (Microsoft's own
+    $batch examples in execute-batch-operations-using-web-api.md are LF-only)."""
+    m = _BLANK_LINE.search(block)
+    if m is None:
+        return block, b""
+    return block[: m.start()], block[m.end():]
+
+
+def _first_line(block: bytes) -> tuple[bytes, bytes]:
+    line, _, rest = block.partition(b"\n")
+    return line.rstrip(b"\r"), rest
+
+
 def _split_parts(data: bytes, boundary: str) -> list[bytes]:
     delim = b"--" + boundary.encode()
     parts: list[bytes] = []
@@ -828,7 +900,7 @@ def _split_parts(data: bytes, boundary: str) -> list[bytes]:
 
 def _head(block: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
-    for line in block.decode("latin-1").split("\r\n"):
+    for line in block.decode("latin-1").splitlines():
         name, sep, value = line.partition(":")
         if sep:
             out[name.strip().lower()] = value.strip()
@@ -853,13 +925,13 @@ class _Op:
 
 
 def _parse_op(part: bytes) -> _Op:
-    head, _, rest = part.partition(b"\r\n\r\n")
+    head, rest = _split_head(part)
     outer = _head(head)
-    line, _, after = rest.partition(b"\r\n")
+    line, after = _first_line(rest)
     pieces = line.decode("latin-1").split(" ")
     if len(pieces) < 2:
         raise DataverseError(400, "0x0", "The batch request part has no HTTP request line.")
-    inner_head, _, body = after.partition(b"\r\n\r\n")
+    inner_head, body = _split_head(after)
     return _Op(pieces[0].upper(), pieces[1], _head(inner_head), body.rstrip(b"\r\n"), outer.get("content-id"))
 
 
@@ -893,7 +965,7 @@ def run_batch(store: DynamicsStore, call: Call, body: bytes, ctype: str, prefer:
     plan: list[tuple[str, Any]] = []  # ("op", _Op) | ("changeset", [_Op])
     total = 0
     for part in parts:
-        head, _, rest = part.partition(b"\r\n\r\n")
+        head, rest = _split_head(part)
         inner = _boundary(_head(head).get("content-type", ""))
         if inner:
             ops = [_parse_op(p) for p in _split_parts(rest, inner)]
@@ -917,7 +989,14 @@ def run_batch(store: DynamicsStore, call: Call, body: bytes, ctype: str, prefer:
         rel = path.split(API + "/", 1)[-1] if API + "/" in path else path.lstrip("/")
         try:
             own = {"callerobjectid", "mscrmcallerid"} & set(op.headers)
-            sub = resolve_actor(call, op.headers if own else {**op.headers, **inherited})
+            if own and call.env.batch_part_impersonation == "ignored":
+                # MicrosoftDocs/dynamics-365-customer-engagement#531: a caller header on a part is accepted
+                # and ignored; the part runs as the outer request's caller.
+                own = set()
+                op_headers = {k: v for k, v in op.headers.items() if k not in {"callerobjectid", "mscrmcallerid"}}
+            else:
+                op_headers = op.headers
+            sub = resolve_actor(call, op_headers if own else {**op_headers, **inherited})
             return dispatch(store, sub, op.method, rel, query, op.headers, op.body)
         except DataverseError as exc:
             return Answer(exc.status, {"error": {"code": exc.code, "message": exc.message}})
@@ -1176,6 +1255,22 @@ def routes(state: Any) -> list[BaseRoute]:
             env.counted.clear()
         return JSONResponse({"requests": env.requests, "window_s": env.window_s, "concurrent": env.concurrent})
 
+    async def behaviour(request: Request) -> Response:
+        env = store().environments.get(request.path_params["env"])
+        if env is None:
+            return JSONResponse({"error": "unknown environment"}, status_code=404)
+        body = await request.json() if await request.body() else {}
+        if "unsupported_messages" in body:
+            env.unsupported_messages = {str(m) for m in body["unsupported_messages"] or ()}
+        if "batch_part_impersonation" in body:
+            mode = str(body["batch_part_impersonation"])
+            if mode not in {"honoured", "ignored"}:
+                return JSONResponse({"error": "batch_part_impersonation is 'honoured' or 'ignored'"},
+                                    status_code=400)
+            env.batch_part_impersonation = mode
+        return JSONResponse({"unsupported_messages": sorted(env.unsupported_messages),
+                             "batch_part_impersonation": env.batch_part_impersonation})
+
     async def advance(request: Request) -> Response:
         body = await request.json() if await request.body() else {}
         store().offset += float(body.get("seconds", 0))
@@ -1188,4 +1283,5 @@ def routes(state: Any) -> list[BaseRoute]:
         Route("/dynamics/{env}/api/data/v9.2/{rest:path}", webapi, methods=["GET", "POST", "PATCH", "DELETE"]),
         Route("/_sandbox/dynamics/{env}/limits", limits, methods=["POST"]),
         Route("/_sandbox/dynamics/{env}/advance", advance, methods=["POST"]),
+        Route("/_sandbox/dynamics/{env}/behaviour", behaviour, methods=["POST"]),
     ]

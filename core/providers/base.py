@@ -141,6 +141,10 @@ class PushResult:
     created: bool = False
     error: str | None = None
     error_code: str | None = None
+    #: How the record was written when a provider has several paths (e.g. Dynamics: "UpsertMultiple",
+    #: "$batch (UpsertMultiple unsupported)", "per-actor requests ($batch impersonation ignored)"); the sync
+    #: engine puts it in the audit entry so attribution is visible.
+    write_path: str | None = None
 
     def raise_for_error(self) -> None:
         """Raise RecordError naming the record when this change failed."""

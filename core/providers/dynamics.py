@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -357,6 +358,16 @@ def row_from_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_Item = tuple[int, OpportunityChange, dict[str, Any]]
+#: ``PushResult.write_path`` values.
+PATH_BULK = "UpsertMultiple"
+PATH_NO_BULK = "$batch (UpsertMultiple unsupported)"
+PATH_ROLLED_BACK = "$batch (UpsertMultiple rolled back)"
+PATH_MIXED_BATCH = "$batch (per-part impersonation)"
+PATH_PER_ACTOR = "per-actor requests ($batch impersonation ignored)"
+_ATTRIBUTION = "_createdby_value,_createdonbehalfby_value,_modifiedby_value,_modifiedonbehalfby_value"
+
+
 class Dynamics365Provider(ProviderBase):
     """One Dynamics 365 environment, reached as its application user."""
 
@@ -398,6 +409,12 @@ class Dynamics365Provider(ProviderBase):
         self._whoami: dict[str, str] | None = None
         self._object_ids: dict[str, str | None] = {}
         self.throttled_waits: list[float] = []
+        #: Learned from the environment's answers and kept for this provider's life (one sync run).
+        self._bulk_unsupported = False
+        self._batch_impersonation_ignored = False
+        self._attribution_missing: dict[int, bool] = {}
+        #: Calls spent on fallback paths (see ``push_opportunities``), by reason.
+        self.fallback_calls: dict[str, int] = {}
 
     # ------------------------------------------------------------------ tokens
     def _fetch_token(self, scope: str) -> tuple[str, float]:
@@ -716,10 +733,22 @@ class Dynamics365Provider(ProviderBase):
         All records of one actor go in one ``UpsertMultiple`` (impersonation is a request header); a chunk
         mixing actors goes as one ``$batch`` whose parts carry their own caller header. If a bulk message
         fails (it rolls back entirely), the chunk is resent as a continue-on-error ``$batch`` so each record
-        gets its own result.
+        gets its own result. Fallbacks (each result's ``write_path`` names the one used; ``fallback_calls``
+        counts the calls they cost):
+
+        - a table without ``UpsertMultiple`` (``0x80040800``): a ``$batch`` of single upserts, still one
+          request per 1,000; remembered for the rest of this provider's life;
+        - ``$batch`` per-part impersonation ignored (the written records come back without
+          ``createdonbehalfby``/``modifiedonbehalfby``): the records are written again with one request per
+          actor (impersonation on the request itself), and later mixed chunks go that way directly.
+
+        ``UpsertMultiple`` answers ``204 No Content`` (Microsoft Learn, UpsertMultiple Action: "The
+        UpsertMultipleResponse complex type is not returned"), so records created through it come back
+        without their id; the sync learns it from the next pull, which reads the alternate-key column —
+        no extra request.
         """
         results: dict[int, PushResult] = {}
-        prepared: list[tuple[int, OpportunityChange, dict[str, Any]]] = []
+        prepared: list[_Item] = []
         for i, change in enumerate(changes):
             try:
                 prepared.append((i, change, self._target(change)))
@@ -727,11 +756,11 @@ class Dynamics365Provider(ProviderBase):
                 results[i] = PushResult(change.idempotency_key, False, error=str(exc), error_code=exc.code)
         callers = self._resolve_callers({c.act_as_crm_user_id for _, c, _ in prepared if c.act_as_crm_user_id})
         # Group by actor first so single-actor chunks can use the bulk message.
-        by_actor: dict[str | None, list[tuple[int, OpportunityChange, dict[str, Any]]]] = {}
+        by_actor: dict[str | None, list[_Item]] = {}
         for item in prepared:
             by_actor.setdefault(item[1].act_as_crm_user_id if self.config.impersonation else None, []).append(item)
-        chunks: list[tuple[str | None, list[tuple[int, OpportunityChange, dict[str, Any]]], bool]] = []
-        leftovers: list[tuple[int, OpportunityChange, dict[str, Any]]] = []
+        chunks: list[tuple[str | None, list[_Item], bool]] = []
+        leftovers: list[_Item] = []
         for actor, items in by_actor.items():
             full = len(items) - len(items) % self.max_write_batch
             for start in range(0, full, self.max_write_batch):
@@ -749,8 +778,10 @@ class Dynamics365Provider(ProviderBase):
         for actor, items, bulk in chunks:
             if bulk:
                 results.update(self._upsert_multiple(items, actor, callers))
+            elif self._batch_impersonation_ignored:
+                results.update(self._per_actor(items, callers))
             else:
-                results.update(self._batch_upserts(items, callers))
+                results.update(self._mixed_batch(items, callers))
         return [results[i] for i in range(len(changes))]
 
     def _target(self, change: OpportunityChange) -> dict[str, Any]:
@@ -760,8 +791,11 @@ class Dynamics365Provider(ProviderBase):
         if change.crm_id:
             row["opportunityid"] = change.crm_id
         else:
+            # The key value goes in @odata.id only: powerapps-docs use-upsert-insert-update-record.md, "don't
+            # include the alternate key data in the portion of the request that represents the data to save";
+            # on the create path Dataverse answers 400 0x80040216 when it is repeated in the body.
+            row.pop(key, None)
             row["@odata.id"] = f"opportunities({key}={_key_literal(change.idempotency_key)})"
-            row[key] = change.idempotency_key
         return row
 
     def _resolve_callers(self, user_ids: set[str]) -> dict[str, tuple[str, str]]:
@@ -784,79 +818,136 @@ class Dynamics365Provider(ProviderBase):
             out[uid] = ("CallerObjectId", str(oid)) if oid else ("MSCRMCallerID", uid)
         return out
 
+    def _count_fallback(self, name: str, calls: int = 1) -> None:
+        self.fallback_calls[name] = self.fallback_calls.get(name, 0) + calls
+
     def _upsert_multiple(
         self,
-        items: list[tuple[int, OpportunityChange, dict[str, Any]]],
+        items: list[_Item],
         actor: str | None,
         callers: Mapping[str, tuple[str, str]],
+        *,
+        path: str = PATH_BULK,
     ) -> dict[int, PushResult]:
-        headers = {"Content-Type": "application/json; charset=utf-8"}
         caller = callers.get(actor) if actor else None
+        if self._bulk_unsupported:
+            return self._batch_upserts(items, callers, outer_caller=caller,
+                                       path=path if path != PATH_BULK else PATH_NO_BULK)
+        headers = {"Content-Type": "application/json; charset=utf-8"}
         if caller:
             headers[caller[0]] = caller[1]
         url = f"{self.config.api_base}/opportunities/Microsoft.Dynamics.CRM.UpsertMultiple"
         try:
-            resp = self._request("POST", url, headers=headers, json_body={"Targets": [t for _, _, t in items]})
-        except RecordError as exc:
+            self._request("POST", url, headers=headers, json_body={"Targets": [t for _, _, t in items]})
+        except (RecordError, ProviderRejected) as exc:
+            if _bulk_unsupported(exc):
+                log.info("dynamics: the opportunity table does not support UpsertMultiple (%s); using $batch "
+                         "of single upserts from now on", exc.code)
+                self._bulk_unsupported = True
+                self._count_fallback("upsertmultiple_unsupported")
+                return self._batch_upserts(items, callers, outer_caller=caller,
+                                           path=path if path != PATH_BULK else PATH_NO_BULK)
+            if not isinstance(exc, RecordError):
+                raise
             log.info("dynamics: UpsertMultiple rolled back (%s); resending as $batch for per-record results", exc.code)
-            return self._batch_upserts(items, callers)
-        body = _json(resp, "Dynamics 365") if resp.content else {}
-        rows = body.get("Results") if isinstance(body, Mapping) else None
-        if not isinstance(rows, list) or len(rows) != len(items):
-            raise MalformedResponse(
-                f"Dynamics 365 UpsertMultiple answered {len(rows) if isinstance(rows, list) else 'no'} results "
-                f"for {len(items)} records."
-            )
+            return self._batch_upserts(items, callers, outer_caller=caller,
+                                       path=path if path != PATH_BULK else PATH_ROLLED_BACK)
+        # 204 No Content: success for every target, and nothing else to read.
+        return {
+            i: PushResult(change.idempotency_key, True, crm_id=change.crm_id, created=False, write_path=path)
+            for i, change, _ in items
+        }
+
+    def _mixed_batch(self, items: list[_Item], callers: Mapping[str, tuple[str, str]]) -> dict[int, PushResult]:
+        """One ``$batch`` with a caller header per part; checks the written records for the on-behalf-of
+        columns Dataverse sets under impersonation, and falls back to one request per actor without them."""
+        out = self._batch_upserts(items, callers, path=PATH_MIXED_BATCH, check_attribution=True)
+        ignored = [item for item in items if self._attribution_missing.pop(item[0], False)]
+        if not ignored:
+            return out
+        log.warning(
+            "dynamics: Dataverse ignored the per-part impersonation headers of a $batch (records came back "
+            "without createdonbehalfby/modifiedonbehalfby); writing %d records again with one request per actor, "
+            "and using one request per actor from now on",
+            len(ignored),
+        )
+        self._batch_impersonation_ignored = True
+        out.update(self._per_actor(ignored, callers, created={i: out[i].created for i, _, _ in ignored},
+                                   ids={i: out[i].crm_id for i, _, _ in ignored}))
+        return out
+
+    def _per_actor(
+        self,
+        items: list[_Item],
+        callers: Mapping[str, tuple[str, str]],
+        *,
+        created: Mapping[int, bool] | None = None,
+        ids: Mapping[int, str | None] | None = None,
+    ) -> dict[int, PushResult]:
+        groups: dict[str | None, list[_Item]] = {}
+        for item in items:
+            groups.setdefault(item[1].act_as_crm_user_id, []).append(item)
         out: dict[int, PushResult] = {}
-        for (i, change, _), row in zip(items, rows, strict=True):
-            target = row.get("Target") or {}
-            out[i] = PushResult(
-                change.idempotency_key,
-                True,
-                crm_id=str(target.get("opportunityid") or change.crm_id or ""),
-                created=bool(row.get("RecordCreated")),
-            )
+        for actor, group in groups.items():
+            before, refused = self._calls, self.fallback_calls.get("upsertmultiple_unsupported", 0)
+            res = self._upsert_multiple(group, actor, callers, path=PATH_PER_ACTOR)
+            refused = self.fallback_calls.get("upsertmultiple_unsupported", 0) - refused
+            self._count_fallback("batch_impersonation_ignored", self._calls - before - refused)
+            for i, r in res.items():
+                if r.ok and created is not None and ids is not None:
+                    r = PushResult(r.idempotency_key, True, crm_id=r.crm_id or ids.get(i),
+                                   created=created.get(i, False), write_path=r.write_path)
+                out[i] = r
         return out
 
     def _batch_upserts(
         self,
-        items: list[tuple[int, OpportunityChange, dict[str, Any]]],
+        items: list[_Item],
         callers: Mapping[str, tuple[str, str]],
+        *,
+        outer_caller: tuple[str, str] | None = None,
+        path: str = PATH_MIXED_BATCH,
+        check_attribution: bool = False,
     ) -> dict[int, PushResult]:
+        """Single upserts (``PATCH`` by alternate key or id) in one continue-on-error ``$batch``.
+
+        With ``outer_caller`` the impersonation header goes on the ``$batch`` request itself (which
+        Dataverse honours for every part); otherwise each part carries its own actor's header."""
         boundary = f"batch_{uuid.uuid4()}"
+        select = "opportunityid" if not check_attribution else "opportunityid," + _ATTRIBUTION
         parts: list[str] = []
         for n, (_, change, target) in enumerate(items, start=1):
             body = {k: v for k, v in target.items() if k not in {"@odata.type", "@odata.id"}}
             if change.crm_id:
-                path = f"opportunities({change.crm_id})"
+                rel = f"opportunities({change.crm_id})"
                 body.pop("opportunityid", None)
             else:
-                path = str(target["@odata.id"])
+                rel = str(target["@odata.id"])
             lines = [
                 f"--{boundary}",
                 "Content-Type: application/http",
                 "Content-Transfer-Encoding: binary",
                 f"Content-ID: {n}",
                 "",
-                f"PATCH {self.config.api_base}/{path}?$select=opportunityid HTTP/1.1",
+                f"PATCH {self.config.api_base}/{rel}?$select={select} HTTP/1.1",
                 "Content-Type: application/json",
                 "Prefer: return=representation",
             ]
-            caller = callers.get(change.act_as_crm_user_id or "") if self.config.impersonation else None
+            caller = None
+            if outer_caller is None and self.config.impersonation:
+                caller = callers.get(change.act_as_crm_user_id or "")
             if caller:
                 lines.append(f"{caller[0]}: {caller[1]}")
             lines += ["", json.dumps(body, default=str)]
             parts.append("\r\n".join(lines))
         payload = ("\r\n".join(parts) + f"\r\n--{boundary}--\r\n").encode()
-        resp = self._request(
-            "POST",
-            f"{self.config.api_base}/$batch",
-            headers={
-                "Content-Type": f'multipart/mixed; boundary="{boundary}"',
-                "Prefer": "odata.continue-on-error",
-            },
-            content=payload,
-        )
+        headers = {
+            "Content-Type": f'multipart/mixed; boundary="{boundary}"',
+            "Prefer": "odata.continue-on-error",
+        }
+        if outer_caller:
+            headers[outer_caller[0]] = outer_caller[1]
+        resp = self._request("POST", f"{self.config.api_base}/$batch", headers=headers, content=payload)
         answers = parse_batch_response(resp)
         if len(answers) != len(items):
             raise MalformedResponse(
@@ -867,13 +958,26 @@ class Dynamics365Provider(ProviderBase):
             if 200 <= status < 300:
                 data = _loads(raw) if raw.strip() else {}
                 crm_id = data.get("opportunityid") if isinstance(data, Mapping) else None
-                out[i] = PushResult(change.idempotency_key, True, crm_id=crm_id or change.crm_id, created=status == 201)
+                if check_attribution and change.act_as_crm_user_id and isinstance(data, Mapping) and data:
+                    behalf = data.get("_createdonbehalfby_value" if status == 201 else "_modifiedonbehalfby_value")
+                    by = data.get("_createdby_value" if status == 201 else "_modifiedby_value")
+                    if not behalf and str(by or "").lower() != change.act_as_crm_user_id.lower():
+                        self._attribution_missing[i] = True
+                out[i] = PushResult(change.idempotency_key, True, crm_id=crm_id or change.crm_id,
+                                    created=status == 201, write_path=path)
             else:
                 err = error_for_response(httpx.Response(status, content=raw), record_key=change.idempotency_key)
                 if isinstance(err, RateLimited | ProviderUnavailable | SessionExpired):
                     raise err
-                out[i] = PushResult(change.idempotency_key, False, error=str(err), error_code=err.code)
+                out[i] = PushResult(change.idempotency_key, False, error=str(err), error_code=err.code,
+                                    write_path=path)
         return out
+
+
+def _bulk_unsupported(exc: ProviderError) -> bool:
+    """The table has no UpsertMultiple: the SDK fault SdkEntityDoesNotSupportMessage (0x80040800, "The
+    'UpsertMultiple' method does not support entities of type …"), or an API without the action at all."""
+    return exc.code == "0x80040800" or (exc.code == "0x8006088a" and "UpsertMultiple" in str(exc))
 
 
 def parse_batch_response(resp: httpx.Response) -> list[tuple[int, dict[str, str], bytes]]:
@@ -893,6 +997,18 @@ def _boundary(content_type: str) -> str | None:
     return None
 
 
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+
+
+def _split_head(block: bytes) -> tuple[bytes, bytes]:
+    """(headers, rest) at the first blank line; lines may end in CRLF or a bare LF (Microsoft's own $batch
+    examples in execute-batch-operations-using-web-api.md are LF-only, and proxies vary)."""
+    m = _BLANK_LINE.search(block)
+    if m is None:
+        return block, b""
+    return block[: m.start()], block[m.end():]
+
+
 def _parse_multipart(data: bytes, boundary: str) -> list[tuple[int, dict[str, str], bytes]]:
     out: list[tuple[int, dict[str, str], bytes]] = []
     delim = b"--" + boundary.encode()
@@ -900,24 +1016,27 @@ def _parse_multipart(data: bytes, boundary: str) -> list[tuple[int, dict[str, st
         if chunk.startswith(b"--"):
             break
         part = chunk.lstrip(b"\r\n")
-        head, _, rest = part.partition(b"\r\n\r\n")
+        head, rest = _split_head(part)
         part_headers = _headers(head)
         inner = _boundary(part_headers.get("content-type", ""))
         if inner:
             out.extend(_parse_multipart(rest, inner))
             continue
-        status_line, _, after = rest.partition(b"\r\n")
-        pieces = status_line.split(b" ", 2)
+        status_line, _, after = rest.partition(b"\n")
+        pieces = status_line.rstrip(b"\r").split(b" ", 2)
         if len(pieces) < 2 or not pieces[1].isdigit():
             raise MalformedResponse("Dynamics 365 sent a $batch part without an HTTP status line.")
-        inner_head, _, body = after.partition(b"\r\n\r\n")
+        if after.startswith(b"\n") or after.startswith(b"\r\n"):
+            inner_head, body = b"", after.lstrip(b"\r").removeprefix(b"\n")  # no headers at all
+        else:
+            inner_head, body = _split_head(after)
         out.append((int(pieces[1]), _headers(inner_head), body.rstrip(b"\r\n")))
     return out
 
 
 def _headers(block: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
-    for line in block.decode("latin-1").split("\r\n"):
+    for line in block.decode("latin-1").splitlines():
         name, sep, value = line.partition(":")
         if sep:
             out[name.strip().lower()] = value.strip()

@@ -734,6 +734,7 @@ class SyncEngine:
             mirrors = {m.id: m for m in s.exec(select(SyncOpportunity).where(
                 col(SyncOpportunity.id).in_({r.opportunity_id for r in rows.values()})))}
             events: list[tuple[SyncOutbox, str | None, bool, bool]] = []
+            write_paths = {e.id: r.write_path for e, r in zip(chunk, results, strict=True) if r.write_path}
             for e, r in zip(chunk, results, strict=True):
                 row = rows.get(e.id)
                 if row is None or row.status != OutboxStatus.pending:
@@ -752,7 +753,7 @@ class SyncEngine:
                     s.add(row)
                     stats.records_failed += 1
             s.flush()
-            self._audit_applied(s, ctx, events, now)
+            self._audit_applied(s, ctx, events, now, write_paths)
             s.commit()
 
     def _mark_applied(self, s: Session, ctx: JobContext, row: SyncOutbox, m: SyncOpportunity | None, *,
@@ -770,7 +771,7 @@ class SyncEngine:
             s.add(m)
 
     def _audit_applied(self, s: Session, ctx: JobContext, events: list[tuple[SyncOutbox, str | None, bool, bool]],
-                       now: datetime) -> None:
+                       now: datetime, write_paths: dict[int | None, str] | None = None) -> None:
         """One audit event per change that reached the CRM: the real actor, and how we wrote it (``via``)."""
         for row, crm_id, created, confirmed in events:
             details: dict[str, Any] = {
@@ -779,6 +780,9 @@ class SyncEngine:
             }
             if confirmed:
                 details["confirmed_by_pull"] = True
+            if write_paths and write_paths.get(row.id):
+                # which request wrote it (e.g. Dynamics "per-actor requests ($batch impersonation ignored)")
+                details["write_path"] = write_paths[row.id]
             if not ctx.per_user:
                 act_as = ctx.crm_user_ids.get(row.actor_app_user_id)
                 if act_as and ctx.account.provider.startswith("dynamics"):

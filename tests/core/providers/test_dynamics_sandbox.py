@@ -123,12 +123,14 @@ def test_push_uses_one_upsertmultiple_per_thousand_and_a_retry_creates_nothing(s
     before = len(opportunities(sandbox))
     first = p.push_opportunities(changes(2500))
     assert p.calls_made == 3 and p.auth_calls_made == 1
-    assert all(r.ok and r.created and r.crm_id for r in first)
+    # UpsertMultiple answers 204 No Content: success, without ids (they come with the next pull)
+    assert all(r.ok and r.write_path == "UpsertMultiple" for r in first)
+    ids = {o["crb_idempotencykey"]: o["opportunityid"] for o in opportunities(sandbox)}
     again = p.push_opportunities(changes(2500))  # the same batch retried (e.g. after a timeout)
     assert p.calls_made == 6
-    assert all(r.ok and not r.created for r in again)
-    assert [r.crm_id for r in again] == [r.crm_id for r in first]
+    assert all(r.ok for r in again)
     assert len(opportunities(sandbox)) == before + 2500
+    assert {o["crb_idempotencykey"]: o["opportunityid"] for o in opportunities(sandbox)} == ids
 
 
 def test_pull_pages_at_5000_and_follows_next_link_without_duplicates(sandbox: Any) -> None:

@@ -99,6 +99,32 @@ def test_dynamics_writes_impersonating_each_actor(file_engine: Engine, clock: Fr
     assert json.loads(events[k1].details)["impersonated_crm_user"] == OLGA
 
 
+def test_dynamics_ignored_batch_impersonation_is_written_per_actor_and_audited(
+        file_engine: Engine, clock: FrozenClock, sandbox: Any, vault_keys: Any) -> None:
+    """Issue 13 point 4: an environment that ignores per-part CallerObjectId in $batch. The records end up
+    attributed to each actor and the audit entry says which way they were written."""
+    sandbox.http.post("/_sandbox/dynamics/dynco/behaviour",
+                      json={"batch_part_impersonation": "ignored"}).raise_for_status()
+    acc, (olga, ben) = setup(
+        file_engine, clock, provider="dynamics-365", edition="sales-enterprise",
+        instance_url=sandbox.url("/dynamics/dynco"),
+        settings={"auth_mode": "oauth_client_credentials", "authority_url": sandbox.url("/entra"),
+                  "graph_url": sandbox.url("/graph"), "tenant_id": DYN_TENANT, "client_id": DYN_APP[0],
+                  "impersonation": "true"},
+        secret={"client_secret": DYN_APP[1]}, crm_ids=[OLGA, BEN])
+    assert run(file_engine, clock, sandbox) == RunStatus.success
+    k1 = change(file_engine, clock, acc, olga, name="Olga's deal", stage="Develop", amount="1200")
+    k2 = change(file_engine, clock, acc, ben, name="Ben's deal", stage="Develop", amount="800")
+    clock.advance(minutes=10)
+    assert run(file_engine, clock, sandbox) == RunStatus.success
+    rows = {r.get("crb_idempotencykey"): r for r in sandbox.inspect("dynco")["dynamics"]["opportunities"]}
+    assert rows[k1]["_modifiedby_value"] == OLGA and rows[k2]["_modifiedby_value"] == BEN
+    assert rows[k1]["_modifiedonbehalfby_value"] not in (None, OLGA, BEN)
+    events = {json.loads(e.details)["idempotency_key"]: json.loads(e.details) for e in audit(file_engine)}
+    assert events[k1]["write_path"] == events[k2]["write_path"] == (
+        "per-actor requests ($batch impersonation ignored)")
+
+
 def test_salesforce_writes_the_actor_to_the_attribution_field(file_engine: Engine, clock: FrozenClock,
                                                               sandbox: Any, vault_keys: Any) -> None:
     acc, (ana, _) = setup(
