@@ -91,7 +91,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, shots_dir: Path) -> Iterat
     log = open(tmp / "servers.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "core.runner"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180  # a loaded CI machine starts slowly
     while True:
         try:
             if httpx.get(f"{c.url}/healthz", timeout=2).status_code == 200:

@@ -108,10 +108,22 @@ def choose(page, label: str, option: str, *, in_form: bool = False) -> None:  # 
             break
         except PlaywrightTimeout:
             continue
-    if in_form:
-        item.click()
-    else:
-        rerun(page, item.click)
+    for attempt in range(3):  # a late rerun can redraw the list under the click: open it again and retry
+        try:
+            if in_form:
+                item.click(timeout=10_000)
+            else:
+                rerun(page, lambda: item.click(timeout=10_000))
+            return
+        except PlaywrightTimeout:
+            if attempt == 2 or box.input_value() == option:
+                if box.input_value() == option:
+                    return
+                raise
+            settled(page)
+            if box.get_attribute("aria-expanded") != "true":
+                box.click()
+            item.wait_for(timeout=5_000)
 
 
 def textbox(page, label: str):  # type: ignore[no-untyped-def]
