@@ -10,6 +10,7 @@ from core.db import describe_db_failure, session_scope
 from core.errors import SessionInvalid
 from core.tenants.auth import principal_from_token
 from core.web import SESSION_COOKIE
+from pages._common import md
 
 HERE = Path(__file__).resolve().parent
 
@@ -67,7 +68,7 @@ except Exception as exc:  # signing the session in touches the database
 
 st.session_state["principal"] = principal
 with st.sidebar:
-    st.caption(f"Signed in as **{principal.email}** · {principal.role.replace('_', ' ')}")
+    st.caption(f"Signed in as **{md(principal.email)}** · {principal.role.replace('_', ' ')}")
     st.link_button("Sign out", "/auth/logout")
 
 pages = [

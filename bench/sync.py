@@ -196,13 +196,15 @@ def fresh_engine(url: str):  # type: ignore[no-untyped-def]
 def provider_factory(ca: Path):  # type: ignore[no-untyped-def]
     from core.providers.config import HttpTransport
     from core.providers.salesforce import SalesforceProvider, SessionCache
+    from core.providers.transport import CrmUrlPolicy
     from core.sync.engine import thread_transport
 
     cache = SessionCache()
     made: list[Any] = []
 
     def factory(ctx, cred):  # type: ignore[no-untyped-def]
-        transport = thread_transport(lambda: HttpTransport(verify=str(ca), timeout=120))
+        transport = thread_transport(lambda: HttpTransport(  # the bench sandbox, allowed by name
+            verify=str(ca), timeout=120, url_policy=CrmUrlPolicy.vendors(sandbox_url=ctx.account.instance_url)))
         p = SalesforceProvider(account=ctx.account, credential=cred, transport=transport, session_cache=cache)
         made.append(p)
         return p

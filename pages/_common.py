@@ -1,13 +1,45 @@
-"""What every page shares: the acting principal, the one way to show an error, formatting."""
+"""What every page shares: the acting principal, the one way to show an error, formatting, and the
+one way to put tenant-supplied text into anything Streamlit renders as Markdown.
+
+Tenant-supplied strings (tenant names, CRM account labels and instance URLs, IdP entity ids and SSO
+URLs, user names and emails, alert channel names, audit details, CRM and IdP error texts…) reach
+pages from customers and their IdPs and CRMs. ``st.markdown``, ``st.caption``, ``st.info`` and the
+other alerts, titles, expander, tab, button and metric labels all render Markdown (links, images,
+autolinked URLs and emails, Streamlit's ``:color[]`` and ``$math$``), so every such value goes through
+``md()`` (running text) or ``md_code()`` (a value shown as code). Table cells (st.dataframe) are plain
+text and need neither.
+"""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import streamlit as st
 
 from core.errors import CrmBridgeError
 from core.tenants.access import Principal
+
+# The ASCII punctuation Markdown (CommonMark + GFM + Streamlit's extensions) can build on: links and
+# images ([]()!), raw HTML and autolinks (<>&), URL and email autolink literals (: . @), emphasis and
+# code (*_~`), headings, lists, tables and rules (# + - = | >), math ($) and the escape itself.
+_MD_PUNCTUATION = re.compile(r"([\\`*_~\[\]()!<>&#|$:.@+=-])")
+
+
+def md(value: object) -> str:
+    """``value`` as literal text inside Markdown: the punctuation Markdown builds on backslash-escaped
+    (CommonMark allows escaping any ASCII punctuation), so no link, image, autolink (``https://``, ``www.``,
+    ``a@b.c``), raw HTML, emphasis, ``:color[…]`` or ``$math$`` can form; line breaks become spaces
+    (no headings, lists or code blocks). It renders exactly as the original characters."""
+    return _MD_PUNCTUATION.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def md_code(value: object) -> str:
+    """``value`` as an inline code span (backslashes are literal inside code, so ``md`` does not fit
+    there): fenced with one more backtick than the longest run inside it, so it cannot close early."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if text else "` `"
 
 
 def principal() -> Principal:
@@ -20,7 +52,7 @@ def principal() -> Principal:
 
 
 def show_error(exc: CrmBridgeError) -> None:
-    st.error(str(exc))
+    st.error(md(exc))  # messages quote tenant-supplied names and the CRM's or IdP's own words
 
 
 def ago(dt: datetime | None, now: datetime | None = None) -> str:

@@ -13,7 +13,7 @@ from core.tenants.models import AppUser, CrmAccount
 from core.tenants.service import list_app_users, list_crm_accounts, set_crm_identity
 from core.vault import connect, service
 from core.vault.policy import LIMITS, set_policy, view_policy
-from pages._common import ago, principal, show_error
+from pages._common import ago, md, principal, show_error
 
 
 def _ends(c: service.CredentialInfo, now) -> str:  # type: ignore[no-untyped-def]
@@ -65,7 +65,7 @@ def render_credentials(tenant_id: int) -> None:
                     try:
                         with session_scope() as s:
                             service.revoke(s, chosen.ref, principal=p, reason=reason)  # type: ignore[arg-type]
-                        st.success(f"Revoked {chosen.owner}'s {chosen.purpose}: it is destroyed.")
+                        st.success(f"Revoked {md(chosen.owner)}'s {md(chosen.purpose)}: it is destroyed.")
                         st.rerun()
                     except CrmBridgeError as exc:
                         show_error(exc)
@@ -86,7 +86,7 @@ def render_credentials(tenant_id: int) -> None:
                             url = connect.create_connect_link(
                                 s, principal=p, tenant_id=tenant_id, app_user_id=t.app_user_id,
                                 crm_account_id=t.crm_account_id, ttl=timedelta(hours=int(hours)))
-                        st.success(f"Send this link to {t.email}. It works once, expires in {int(hours)} hours, "
+                        st.success(f"Send this link to {md(t.email)}. It works once, expires in {int(hours)} hours, "
                                    "and is shown only now.")
                         st.code(url, language=None)
                     except CrmBridgeError as exc:
@@ -135,7 +135,8 @@ def _render_map_crm_user(tenant_id: int, accounts: list[CrmAccount], users: list
                         set_crm_identity(session=s, principal=p, app_user_id=users[u].id,
                                          crm_account_id=accounts[a].id, crm_user_id=crm_user_id or "")
                     st.session_state[f"vault_map_flash_{tenant_id}"] = (
-                        f"{users[u].email} is {crm_user_id.strip()} in {accounts[a].label}: a connect link can be "
+                        f"{md(users[u].email)} is {md(crm_user_id.strip())} in {md(accounts[a].label)}: a connect "
+                        "link can be "
                         "created for them now.")
                     st.rerun()
                 except CrmBridgeError as exc:

@@ -21,7 +21,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.providers import service
 from core.providers.catalog import FieldSpec, get_catalog
-from pages._common import ago, principal, show_error
+from pages._common import ago, md, principal, show_error
 
 STATUS_COLOURS = {"ok": "#16a34a", "warning": "#d97706", "critical": "#dc2626", "exhausted": "#7f1d1d",
                   "unknown": "#94a3b8"}
@@ -61,7 +61,7 @@ def _render_missing_credentials(tenant_id: int, *, skip: int | None = None) -> N
     for creds in rows:
         if not creds.missing or creds.account_id == skip:
             continue
-        st.warning(f"**{creds.label}** has no credentials yet ({_titles(creds.fields)}): it cannot connect "
+        st.warning(f"**{md(creds.label)}** has no credentials yet ({md(_titles(creds.fields))}): it cannot connect "
                    "until they are entered in the secure form.")
         _credentials_button(creds, key=f"crm_creds_missing_{tenant_id}_{creds.account_id}")
 
@@ -120,11 +120,11 @@ def render_add_crm_account(tenant_id: int) -> None:
             show_error(exc)
         else:
             if creds.needs_secret:
-                st.success(f"Added {creds.label}. Next: enter its {_titles(creds.fields)} in the secure form, "
+                st.success(f"Added {md(creds.label)}. Next: enter its {md(_titles(creds.fields))} in the secure form, "
                            "then test the connection.")
                 _credentials_button(creds, key=f"crm_creds_new_{creds.account_id}")
             else:
-                st.success(f"Added {creds.label}. Next: send each user a connect link (Users & sync) so they "
+                st.success(f"Added {md(creds.label)}. Next: send each user a connect link (Users & sync) so they "
                            "connect their own login, then test the connection.")
     _render_missing_credentials(tenant_id, skip=added)
 
@@ -134,9 +134,9 @@ def _show_steps(steps: list, *, ok: bool | None) -> None:
         name = step.name.replace("_", " ").capitalize()
         timing = f" ({step.latency_ms:.0f} ms)" if step.latency_ms is not None else ""
         if step.ok:
-            st.success(f"**{name}**{timing}: {step.detail}")
+            st.success(f"**{md(name)}**{timing}: {md(step.detail)}")
         else:
-            st.error(f"**{name}**: {step.detail}" + (f"\n\n**Fix:** {step.fix}" if step.fix else ""))
+            st.error(f"**{md(name)}**: {md(step.detail)}" + (f"\n\n**Fix:** {md(step.fix)}" if step.fix else ""))
 
 
 def render_connection_test(account_id: int) -> None:
@@ -149,8 +149,8 @@ def render_connection_test(account_id: int) -> None:
         return
     if st.button("Test connection", key=f"crm_test_{account_id}"):
         if creds.missing:
-            st.warning(f"No credentials are stored for {creds.label}: enter the credentials first "
-                       f"({_titles(creds.fields)}) in the secure form, then test the connection.")
+            st.warning(f"No credentials are stored for {md(creds.label)}: enter the credentials first "
+                       f"({md(_titles(creds.fields))}) in the secure form, then test the connection.")
         else:
             with st.spinner("Testing against the CRM…"):
                 try:
@@ -159,20 +159,20 @@ def render_connection_test(account_id: int) -> None:
                 except CrmBridgeError as exc:
                     show_error(exc)
     if creds.missing:
-        st.warning(f"**Credentials missing** — {creds.label} cannot connect until its {_titles(creds.fields)} "
+        st.warning(f"**Credentials missing** — {md(creds.label)} cannot connect until its {md(_titles(creds.fields))} "
                    "are entered in the secure form.")
         _credentials_button(creds, key=f"crm_creds_{account_id}")
     elif creds.needs_secret:
         if creds.stored_at is not None:
-            who = f" by {creds.stored_by}" if creds.stored_by else ""
+            who = f" by {md(creds.stored_by)}" if creds.stored_by else ""
             st.caption(f"Credentials: stored {ago(creds.stored_at)}{who}"
                        + (" — **the CRM rejected them**: replace them." if creds.state == "failed" else "."))
         else:
             st.caption("Credentials: none stored (optional for this sign-in method).")
         _credentials_button(creds, key=f"crm_creds_{account_id}", replace=creds.stored)
     if creds.installs_app:
-        st.caption(f"{creds.label} signs in by an app install: after the app's secret, an admin of the "
-                   f"{creds.provider_name} account installs the app from the same secure page.")
+        st.caption(f"{md(creds.label)} signs in by an app install: after the app's secret, an admin of the "
+                   f"{md(creds.provider_name)} account installs the app from the same secure page.")
     try:
         with session_scope() as s:
             last = service.last_connection_test(session=s, principal=p, account_id=account_id)
@@ -183,8 +183,8 @@ def render_connection_test(account_id: int) -> None:
         st.caption("Not tested yet.")
         return
     verdict = "passed" if last.ok else "failed"
-    extra = f" as {last.identity}" if last.identity else ""
-    edition = f" · detected edition **{last.detected_edition}**" if last.detected_edition else ""
+    extra = f" as {md(last.identity)}" if last.identity else ""
+    edition = f" · detected edition **{md(last.detected_edition)}**" if last.detected_edition else ""
     st.markdown(f"Last connection test **{verdict}** {ago(last.at)}{extra}{edition}")
     _show_steps(last.steps, ok=last.ok)
 
@@ -199,7 +199,7 @@ def render_quota(account_id: int) -> None:
         show_error(exc)
         return
     if gauge.used is None or not gauge.limit:
-        st.caption("API quota: " + gauge.forecast_text(now))
+        st.caption("API quota: " + md(gauge.forecast_text(now)))
         return
     colour = STATUS_COLOURS.get(gauge.status, "#94a3b8")
     fig = go.Figure(go.Indicator(
@@ -218,7 +218,7 @@ def render_quota(account_id: int) -> None:
     ))
     fig.update_layout(height=240, margin={"l": 20, "r": 20, "t": 50, "b": 10})
     st.plotly_chart(fig, key=f"quota_{account_id}", width="stretch")
-    text = gauge.forecast_text(now)
+    text = md(gauge.forecast_text(now))
     if gauge.status in {"critical", "exhausted"}:
         st.error(text)
     elif gauge.status == "warning":

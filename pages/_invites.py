@@ -8,15 +8,15 @@ import streamlit as st
 from core.accounts.service import InviteResult, invite_account
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from pages._common import principal, show_error
+from pages._common import md, principal, show_error
 
 
 def show_invite_result(result: InviteResult) -> None:
     if result.emailed:
-        st.success(f"Invitation emailed to {result.email}. The link works once, for 3 days.")
+        st.success(f"Invitation emailed to {md(result.email)}. The link works once, for 3 days.")
     else:
-        st.warning(f"The invitation for {result.email} is valid but the email could not be sent "
-                   f"({result.error}). Send them this link another way — it is shown only now:")
+        st.warning(f"The invitation for {md(result.email)} is valid but the email could not be sent "
+                   f"({md(result.error)}). Send them this link another way — it is shown only now:")
         st.code(result.link_for_manual_delivery or "", language=None)
 
 

@@ -8,7 +8,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.sso.service import get_status
 from core.tenants.service import get_tenant
-from pages._common import ago, principal, show_error
+from pages._common import ago, md, md_code, principal, show_error
 
 
 def render_sso_status(tenant_id: int) -> None:
@@ -23,7 +23,8 @@ def render_sso_status(tenant_id: int) -> None:
     if not status.configured:
         st.info("No IdP metadata yet. Open **SSO** in the sidebar to import it (upload or URL) and see its lint.")
         return
-    st.markdown(f"IdP **{status.idp_entity_id}** · SSO endpoint `{status.sso_url}` ({status.sso_binding})")
+    st.markdown(f"IdP **{md(status.idp_entity_id)}** · SSO endpoint {md_code(status.sso_url)} "
+                f"({md(status.sso_binding)})")
     if status.tested:
         st.success(f"Test login passed {ago(status.tested_at)}.")
     elif status.last_test_ok is False:

@@ -8,7 +8,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.access import Principal
 from core.tenants.service import create_app_user
-from pages._common import show_error
+from pages._common import md, show_error
 
 
 def render_add_user(p: Principal, tenant_id: int, *, key: str = "add_user") -> None:
@@ -20,6 +20,6 @@ def render_add_user(p: Principal, tenant_id: int, *, key: str = "add_user") -> N
             try:
                 with session_scope() as s:
                     create_app_user(session=s, principal=p, tenant_id=tenant_id, data={"email": email, "name": name})
-                st.success(f"Added {email}.")
+                st.success(f"Added {md(email)}.")
             except CrmBridgeError as exc:
                 show_error(exc)

@@ -20,14 +20,14 @@ from core.accounts.service import (
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.service import list_tenants
-from pages._common import ago, principal, show_error
+from pages._common import ago, md, principal, show_error
 from pages._invites import show_invite_result
 
 p = principal()
 st.title("Console accounts")
 FLASH = "accounts_flash"
 if FLASH in st.session_state:
-    st.success(st.session_state.pop(FLASH))
+    st.success(md(st.session_state.pop(FLASH)))  # messages quote emails
 
 # --- your own sign-in ------------------------------------------------------------------------------
 if p.account_id is not None:

@@ -22,7 +22,7 @@ from core.alerts.service import (
 )
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from pages._common import ago, principal, selected_tenant_id, show_error
+from pages._common import ago, md, principal, selected_tenant_id, show_error
 
 p = principal()
 st.title("Alerts")
@@ -36,7 +36,7 @@ def _done(message: str) -> None:
 
 
 if FLASH in st.session_state:
-    st.success(st.session_state.pop(FLASH))
+    st.success(md(st.session_state.pop(FLASH)))  # messages quote channel names
 if not (p.is_staff or p.is_tenant_admin):
     st.error("Alerts are set up by CRM Bridge staff and tenant admins.")
     st.stop()
@@ -84,7 +84,7 @@ with tabs[1]:
     with st.form("rules"):
         wanted = {}
         for r in rules:
-            st.markdown(f"**{r.title}** — {r.description}" + (f" *(firing: {r.firing})*" if r.firing else ""))
+            st.markdown(f"**{r.title}** — {r.description}" + (f" *(firing: {md(r.firing)})*" if r.firing else ""))
             enabled = st.checkbox("On", value=r.enabled, key=f"rule_{r.rule}")
             params = {k: int(st.number_input(k.replace("_", " "), min_value=1, max_value=10_000, value=int(v),
                                              key=f"rule_{r.rule}_{k}"))
@@ -122,10 +122,10 @@ def _channel_actions(rows, key: str) -> None:  # type: ignore[no-untyped-def]
             with session_scope() as s:
                 d = send_test(session=s, principal=p, channel_id=ch.id)
             if d.status == "sent":
-                st.success(f"Test delivered to {ch.name}.")
+                st.success(f"Test delivered to {md(ch.name)}.")
             else:
-                st.warning(f"The test to {ch.name} failed ({d.last_error}); it is retried with backoff — see the "
-                           "delivery log.")
+                st.warning(f"The test to {md(ch.name)} failed ({md(d.last_error)}); it is retried with backoff — "
+                           "see the delivery log.")
         if b2.button("Switch off" if ch.enabled else "Switch on", key=f"{key}_toggle"):
             with session_scope() as s:
                 set_channel_enabled(session=s, principal=p, channel_id=ch.id, enabled=not ch.enabled)
@@ -176,7 +176,7 @@ with tabs[2]:
                 with session_scope() as s:
                     row = add_webhook_channel(session=s, principal=p, tenant_id=tenant_id, name=wname, url=url,
                                               rules=wchosen)
-                st.success(f"Added {wname}. Its signing secret is shown once, on its own page:")
+                st.success(f"Added {md(wname)}. Its signing secret is shown once, on its own page:")
                 st.link_button("Show signing secret", f"/alerts/webhooks/{row.id}/secret")
             except CrmBridgeError as exc:
                 show_error(exc)
@@ -219,6 +219,6 @@ if p.is_staff:
             try:
                 with session_scope() as s:
                     digest = send_staff_digest(session=s, principal=p)
-                st.success(digest.title if digest else "Nothing new since the last digest.")
+                st.success(md(digest.title) if digest else "Nothing new since the last digest.")
             except CrmBridgeError as exc:
                 show_error(exc)

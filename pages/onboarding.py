@@ -11,7 +11,7 @@ from core.tenants import onboarding as ob
 from core.tenants.models import CredentialMode
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants, set_credential_mode
 from core.vault.service import destroy_for_mode_change
-from pages._common import principal, show_error
+from pages._common import md, principal, show_error
 from pages._crm_accounts import render_add_crm_account, render_connection_test
 from pages._invites import render_invite_admin
 from pages._sandbox_org import render_sandbox_org
@@ -29,7 +29,7 @@ p = principal()
 st.title("Onboarding")
 flash = st.session_state.pop("onboarding_flash", None)
 if flash:
-    st.success(flash)
+    st.success(md(flash))
     st.balloons()
 
 try:
@@ -67,7 +67,7 @@ cols = st.columns(len(view.steps))
 for col, step in zip(cols, view.steps, strict=True):
     col.markdown(f"{ICONS[step.status]} **{step.title}**  \n{step.status}")
 for d in view.deferred:
-    st.warning(f"{d.title} deferred by {d.by}: {d.reason}")
+    st.warning(f"{md(d.title)} deferred by {md(d.by)}: {md(d.reason)}")
 
 default_key = view.current.key if view.current else "go_live"
 keys = [x.key for x in view.steps if x.key != "tenant"]
@@ -76,7 +76,7 @@ chosen = st.radio("Step", keys, index=keys.index(default_key), horizontal=True,
 step = next(x for x in view.steps if x.key == chosen)
 st.subheader(step.title)
 if step.check:
-    st.caption(f"Check: {step.check}")
+    st.caption(f"Check: {md(step.check)}")
 
 
 def _done_button() -> None:
@@ -106,7 +106,7 @@ def _done_button() -> None:
 
 if chosen == "crm_accounts":
     for a in accounts:
-        st.write(f"- **{a.label}** — {a.provider} {a.edition}")
+        st.markdown(f"- **{md(a.label)}** — {md(a.provider)} {md(a.edition)}")
     render_add_crm_account(tenant_id)
     _done_button()
 elif chosen == "credential_mode":
@@ -118,9 +118,9 @@ elif chosen == "credential_mode":
     )
     modes = [m.value for m in CredentialMode]
     for a in accounts:
-        new = st.selectbox(a.label, modes, index=modes.index(a.credential_mode), key=f"mode_{a.id}",
+        new = st.selectbox(md(a.label), modes, index=modes.index(a.credential_mode), key=f"mode_{a.id}",
                            format_func=lambda m: m.replace("_", " "))
-        if new != a.credential_mode and st.button(f"Save mode for {a.label}", key=f"save_mode_{a.id}"):
+        if new != a.credential_mode and st.button(f"Save mode for {md(a.label)}", key=f"save_mode_{a.id}"):
             try:
                 with session_scope() as s:
                     set_credential_mode(session=s, principal=p, account_id=a.id, mode=new)
@@ -132,7 +132,7 @@ elif chosen == "credential_mode":
     _done_button()
 elif chosen == "connection_test":
     for a in accounts:
-        st.markdown(f"**{a.label}** — last test: "
+        st.markdown(f"**{md(a.label)}** — last test: "
                     f"{'passed' if a.last_test_ok else 'failed' if a.last_test_at else 'never run'}")
         render_connection_test(a.id)
     _done_button()
@@ -150,9 +150,9 @@ elif chosen == "go_live":
     st.markdown("**Go-live checklist**")
     for x in view.steps:
         if x.key != "go_live":
-            st.markdown(f"{ICONS[x.status]} {x.title}: {x.status}" + (f" — *{x.reason}*" if x.reason else ""))
+            st.markdown(f"{ICONS[x.status]} {x.title}: {x.status}" + (f" — *{md(x.reason)}*" if x.reason else ""))
     if tenant.status == "live":
-        st.success(f"{tenant.name} is live.")
+        st.success(f"{md(tenant.name)} is live.")
     elif st.button("Go live", type="primary", disabled=bool(missing) or not p.is_staff):
         try:
             with session_scope() as s:

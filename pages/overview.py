@@ -11,7 +11,7 @@ from core.posture.overview import headline, needing_attention
 from core.posture.service import get_posture
 from core.sync.service import sync_overview
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants
-from pages._common import principal, show_error
+from pages._common import md, principal, show_error
 
 p = principal()
 st.title("Overview")
@@ -23,7 +23,7 @@ def _tenant_admin_view(tenant_id: int) -> None:
         accounts = list_crm_accounts(session=s, principal=p, tenant_id=tenant_id)
         report = get_posture(session=s, principal=p, tenant_id=tenant_id)
         sync = sync_overview(session=s, principal=p, tenant_id=tenant_id)
-    st.subheader(tenant.name)
+    st.subheader(md(tenant.name))
     cols = st.columns(4)
     cols[0].metric("Maturity level", f"{report.maturity.level} of 4", help=report.maturity.meaning)
     cols[1].metric("CRM accounts", len(accounts))
@@ -31,12 +31,12 @@ def _tenant_admin_view(tenant_id: int) -> None:
     failing_users = sum(1 for u in sync.users if u.sync == "failing" or u.auth in ("reconnect needed", "failed"))
     cols[3].metric("Users needing attention", failing_users)
     if report.next_step:
-        st.info(f"**Next step:** {report.next_step.title} — {report.next_step.action}")
+        st.info(f"**Next step:** {md(report.next_step.title)} — {md(report.next_step.action)}")
     urgent = [f for f in report.findings if f.severity in ("blocking", "high")]
     if urgent:
         st.markdown("**Needs attention**")
         for f in urgent[:5]:
-            st.markdown(f"- **{f.severity}** · {f.title}: {f.action}")
+            st.markdown(f"- **{md(f.severity)}** · {md(f.title)}: {md(f.action)}")
     if sync.accounts:
         st.markdown("**Sync by CRM account**")
         st.dataframe([{"Account": a.label, "CRM": a.provider, "Jobs": a.jobs, "Records in (24 h)": a.records_in_24h,

@@ -12,7 +12,7 @@ from core.errors import CrmBridgeError
 from core.posture.maturity import LEVELS
 from core.posture.rules import Severity
 from core.posture.service import get_posture
-from pages._common import principal, selected_tenant_id, show_error
+from pages._common import md, principal, selected_tenant_id, show_error
 
 WHO = {"tenant_admin": "Tenant admin", "customer_success": "Customer success", "sales": "Sales"}
 ICON = {"blocking": ":material/block:", "high": ":material/error:", "medium": ":material/warning:",
@@ -36,7 +36,7 @@ except CrmBridgeError as exc:
     st.stop()
 
 m = report.maturity
-st.title(f"Posture — {report.name}")
+st.title(f"Posture — {md(report.name)}")
 cols = st.columns(3)
 cols[0].metric("Maturity level", f"{m.level} of 4", help=m.meaning)
 cols[1].metric("Level", m.name)
@@ -50,11 +50,11 @@ if step is None:
     st.success("Top level: no stored passwords, SSO tested, and every write attributed to its real actor.")
 else:
     st.subheader(f"Next step → level {step.to_level}")
-    st.info(f"**{step.title}**\n\n{step.action}\n\nWho acts: **{WHO.get(step.who, step.who)}**"
+    st.info(f"**{md(step.title)}**\n\n{md(step.action)}\n\nWho acts: **{md(WHO.get(step.who, step.who))}**"
             + (f" · {step.steps_left} steps before level {step.to_level}" if step.steps_left > 1 else ""))
 
 st.subheader(report.world.title)
-st.markdown(report.world.explanation)
+st.markdown(md(report.world.explanation))  # names the CRM accounts
 if report.world.evidence:
     with st.expander("Catalog facts behind this"):
         st.dataframe([{"Fact": e.label, "Value": e.value, "Source": e.source or ""} for e in report.world.evidence],
@@ -70,15 +70,15 @@ for sev in Severity:
     st.markdown(f"#### {sev.value.title()} ({len(found)})")
     for f in found:
         with st.container(border=True):
-            st.markdown(f"{ICON.get(sev.value, '')} **{f.title}**")
-            st.markdown(f"**Do:** {f.action}")
-            st.markdown(f"**Who acts:** {WHO.get(f.who, f.who)} · **Unlocks:** {f.unlocks}")
+            st.markdown(f"{ICON.get(sev.value, '')} **{md(f.title)}**")
+            st.markdown(f"**Do:** {md(f.action)}")
+            st.markdown(f"**Who acts:** {md(WHO.get(f.who, f.who))} · **Unlocks:** {md(f.unlocks)}")
             st.dataframe([{"Evidence": e.label, "Value": e.value, "Source": e.source or ""} for e in f.evidence],
                          hide_index=True, width="stretch")
             if f.affected:
-                st.caption(f"Users affected ({len(f.affected)}): " + ", ".join(f.affected))
+                st.caption(f"Users affected ({len(f.affected)}): " + md(", ".join(f.affected)))
 
 if report.catalog_gaps:
     st.caption("Facts missing from the provider catalog (advice is limited until they are added): "
-               + "; ".join(report.catalog_gaps))
+               + md("; ".join(report.catalog_gaps)))
 st.caption(f"As of {report.taken_at:%Y-%m-%d %H:%M} UTC.")

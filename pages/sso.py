@@ -14,7 +14,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.sso import service
 from core.tenants.service import get_tenant, get_tenant_by_slug
-from pages._common import ago, principal, selected_tenant_id, show_error
+from pages._common import ago, md, md_code, principal, selected_tenant_id, show_error
 
 IMPORT_KEY = "sso_import"
 SEVERITY_ICON = {"error": "🛑", "warning": "⚠️", "info": "ℹ️"}
@@ -27,7 +27,7 @@ def _date(dt: datetime | None) -> str:
 def _lint_report(report: Any) -> None:
     data = report.to_json()
     if data["usable"]:
-        st.success(f"Usable: IdP **{data['entity_id']}**.")
+        st.success(f"Usable: IdP **{md(data['entity_id'])}**.")
     else:
         st.error("Not usable: fix the errors below, then import again.")
     if len(data["entities"]) > 1:
@@ -47,7 +47,7 @@ def _lint_report(report: Any) -> None:
         st.caption(f"Metadata signature: valid against its own certificate: **{sig['valid']}**; "
                    f"trusted (pinned certificate): **{sig['trusted']}**.")
     if data["valid_until"]:
-        st.caption(f"validUntil: {data['valid_until']}")
+        st.caption(f"validUntil: {md(data['valid_until'])}")
     if data["findings"]:
         st.dataframe(
             [{"": SEVERITY_ICON.get(f["severity"], ""), "Severity": f["severity"], "Finding": f["message"],
@@ -64,15 +64,15 @@ def _diff(diff: Any) -> None:
         return
     st.markdown("**What replacing the configuration changes**")
     if diff.entity_id:
-        st.markdown(f"- Entity ID: `{diff.entity_id[0]}` → `{diff.entity_id[1]}`")
+        st.markdown(f"- Entity ID: {md_code(diff.entity_id[0])} → {md_code(diff.entity_id[1])}")
     for b, u in diff.endpoints_added:
-        st.markdown(f"- ➕ SSO endpoint {b.rsplit(':', 1)[-1]} `{u}`")
+        st.markdown(f"- ➕ SSO endpoint {md(b.rsplit(':', 1)[-1])} {md_code(u)}")
     for b, u in diff.endpoints_removed:
-        st.markdown(f"- ➖ SSO endpoint {b.rsplit(':', 1)[-1]} `{u}`")
+        st.markdown(f"- ➖ SSO endpoint {md(b.rsplit(':', 1)[-1])} {md_code(u)}")
     for c in diff.certs_added:
-        st.markdown(f"- ➕ certificate {c.label()}")
+        st.markdown(f"- ➕ certificate {md(c.label())}")
     for c in diff.certs_removed:
-        st.markdown(f"- ➖ certificate {c.label()}")
+        st.markdown(f"- ➖ certificate {md(c.label())}")
 
 
 def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | None) -> None:
@@ -97,7 +97,7 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
     pending = st.session_state.get(IMPORT_KEY)
     if not pending:
         return
-    st.caption(f"Document: {pending['name']} ({len(pending['data']):,} bytes)")
+    st.caption(f"Document: {md(pending['name'])} ({len(pending['data']):,} bytes)")
     entity = st.text_input("IdP entity ID (only for an aggregate with several IdPs)", key="sso_entity_id") or None
     try:
         with session_scope() as s:
@@ -180,10 +180,10 @@ def _traces(p: Any, tenant_id: int) -> None:
     for t in traces:
         verdict = "✅ passed" if t.ok else "❌ failed"
         title = (f"{'Test login' if t.source == 'test' else 'Pasted response'} #{t.id} — {verdict} — "
-                 f"{t.name_id or 'no identity'} — {ago(t.created_at)}")
+                 f"{md(t.name_id or 'no identity')} — {ago(t.created_at)}")
         with st.expander(title, expanded=str(t.id) == wanted or t is traces[0]):
             if t.error:
-                st.error(t.error)
+                st.error(md(t.error))
             if t.skew_seconds is not None:
                 st.caption(f"Measured clock skew (our clock − IssueInstant): {t.skew_seconds:+.1f} s")
             st.dataframe([{"Check": c["name"], "Result": {True: "pass", False: "FAIL", None: "—"}[c["ok"]],
@@ -203,7 +203,7 @@ def _timeline(p: Any, tenant_id: int) -> None:
         return
     for f in findings:
         (st.error if f.severity == "error" else st.warning if f.severity == "warning" else st.info)(
-            f"{f.message} {f.fix}")
+            md(f"{f.message} {f.fix}"))
     if not entries:
         st.caption("No certificate yet.")
         return
@@ -248,17 +248,18 @@ except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
 
-st.title(f"Single sign-on — {tenant.name}")
+st.title(f"Single sign-on — {md(tenant.name)}")
 flash = st.session_state.pop("sso_flash", None)
 if flash:
     st.success(flash)
 m1, m2, m3 = st.columns(3)
 m1.metric("IdP configured", "yes" if status.configured else "no")
 m2.metric("Tested", "yes" if status.tested else ("failed" if status.last_test_ok is False else "not yet"))
-m3.metric("Sign-in binding", (status.sso_binding or "—").rsplit(":", 1)[-1])
+m3.metric("Sign-in binding", md((status.sso_binding or "—").rsplit(":", 1)[-1]))
 if status.configured:
-    st.caption(f"IdP `{status.idp_entity_id}` · SSO `{status.sso_url}` · imported {ago(status.imported_at)} by "
-               f"{status.imported_by} from {status.source}" + (f" ({status.source_url})" if status.source_url else ""))
+    st.caption(f"IdP {md_code(status.idp_entity_id)} · SSO {md_code(status.sso_url)} · imported "
+               f"{ago(status.imported_at)} by {md(status.imported_by)} from {md(status.source)}"
+               + (f" ({md_code(status.source_url)})" if status.source_url else ""))
     if status.tested_at:
         st.caption(f"Last valid test login: {ago(status.tested_at)}")
 
@@ -295,7 +296,7 @@ with st.expander("Check a captured SAMLResponse"):
               on_click=_check_pasted, args=(p, tenant_id))
     outcome = st.session_state.pop("sso_paste_result", None)
     if outcome is not None:
-        (st.success if outcome[0] else st.error)(outcome[1])
+        (st.success if outcome[0] else st.error)(md(outcome[1]))
 
 if p.is_staff and status.configured:
     allowed = st.toggle("Allow IdP-initiated sign-in (no request from CRM Bridge; replay cache only)",

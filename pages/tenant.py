@@ -7,7 +7,7 @@ import streamlit as st
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.service import get_tenant, list_app_users, list_crm_accounts
-from pages._common import ago, principal, selected_tenant_id, show_error
+from pages._common import ago, md, md_code, principal, selected_tenant_id, show_error
 from pages._credentials import render_credentials
 from pages._crm_accounts import render_add_crm_account, render_connection_test, render_quota
 from pages._users import render_add_user
@@ -25,8 +25,9 @@ except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
 
-st.title(tenant.name)
-st.caption(f"`{tenant.slug}` · status **{tenant.status}** · onboarding step **{tenant.onboarding_step}**")
+st.title(md(tenant.name))
+st.caption(f"{md_code(tenant.slug)} · status **{md(tenant.status)}** · "
+           f"onboarding step **{md(tenant.onboarding_step)}**")
 
 st.subheader("CRM accounts")
 if accounts:
@@ -40,7 +41,7 @@ else:
     st.info("No CRM account yet: add the first one below.")
 
 for a in accounts:
-    with st.expander(f"{a.label} — {a.provider} {a.edition}"):
+    with st.expander(f"{md(a.label)} — {md(a.provider)} {md(a.edition)}"):
         render_connection_test(a.id)
         render_quota(a.id)
 

@@ -8,7 +8,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.models import TenantStatus
 from core.tenants.service import create_tenant, list_tenants
-from pages._common import principal, show_error
+from pages._common import md, principal, show_error
 
 p = principal()
 st.title("Tenants")
@@ -56,6 +56,6 @@ if p.is_staff:
                     with session_scope() as s:
                         t = create_tenant(session=s, principal=p, data={"name": name, "slug": slug})
                         st.session_state["tenant_id"] = t.id
-                    st.success(f"Created {name}. Continue on the Onboarding page.")
+                    st.success(f"Created {md(name)}. Continue on the Onboarding page.")
                 except CrmBridgeError as exc:
                     show_error(exc)

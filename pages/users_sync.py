@@ -6,6 +6,8 @@ they call for different fixes. All data comes from core.sync.service.
 
 from __future__ import annotations
 
+import html
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -25,7 +27,7 @@ from core.sync.service import (
     sync_overview,
     user_detail,
 )
-from pages._common import ago, principal, selected_tenant_id, show_error
+from pages._common import ago, md, principal, selected_tenant_id, show_error
 
 ALL = "All"
 COLOR = {"healthy": "green", "lagging": "orange", "failing": "red", "paused": "gray", "ok": "green",
@@ -46,7 +48,7 @@ if tenant_id is None:
 
 notice = st.session_state.pop("sync_notice", None)
 if notice:
-    st.success(notice)
+    st.success(md(notice))  # names a user or an account
 
 try:
     with session_scope() as s:
@@ -87,7 +89,7 @@ cols = st.columns(max(1, min(len(ov.accounts), 3)))
 for i, a in enumerate(ov.accounts):
     with cols[i % len(cols)].container(border=True):
         state = a.sync if a.jobs else "not syncing yet"
-        st.markdown(f"**{a.label}** · {a.provider} · {a.credential_mode.replace('_', ' ')}  \n"
+        st.markdown(f"**{md(a.label)}** · {md(a.provider)} · {md(a.credential_mode.replace('_', ' '))}  \n"
                     f"Sync {badge(state)}")
         parts = [f"{n} {k}" for k, n in sorted(a.by_sync.items())]
         st.caption(f"{a.jobs} sync job(s): {', '.join(parts) or 'none'}")
@@ -96,9 +98,9 @@ for i, a in enumerate(ov.accounts):
             st.caption("Auth: " + ", ".join(auth_parts))
         st.caption(f"24 h: {a.records_in_24h} in · {a.records_out_24h} out · last success {ago(a.last_success_at)}")
         if a.paused_until:
-            st.warning(f"Rate-limited: paused until {a.paused_until:%H:%M} UTC — {a.pause_reason or ''}")
+            st.warning(f"Rate-limited: paused until {a.paused_until:%H:%M} UTC — {md(a.pause_reason or '')}")
         if a.paused_by:
-            st.info(f"Paused by {a.paused_by}")
+            st.info(f"Paused by {md(a.paused_by)}")
             if st.button("Resume account", key=f"resume_acc_{a.crm_account_id}"):
                 _act(resume_account, f"{a.label}: sync resumed.", crm_account_id=a.crm_account_id)
         elif st.button("Pause account", key=f"pause_acc_{a.crm_account_id}"):
@@ -129,7 +131,7 @@ except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
 h = d.health
-st.markdown(f"Auth {badge(h.auth)} · Sync {badge(h.sync)} — {h.sync_reason}")
+st.markdown(f"Auth {badge(h.auth)} · Sync {badge(h.sync)} — {md(h.sync_reason)}")
 m3, m4, m5 = st.columns(3)
 m3.metric("Lag", lag_text(h.lag))
 m4.metric("24 h in / out", f"{h.records_in_24h} / {h.records_out_24h}")
@@ -142,7 +144,7 @@ if h.app_user_id is not None and a2.button("Ask to reconnect", key="sync_reconne
     try:
         with session_scope() as s:
             req = ask_to_reconnect(session=s, principal=p, job_id=job_id)
-        st.success(f"Connect link created for {req.email}, valid until {req.expires_at:%Y-%m-%d %H:%M} UTC. "
+        st.success(f"Connect link created for {md(req.email)}, valid until {req.expires_at:%Y-%m-%d %H:%M} UTC. "
                    "Send it to the user; it is shown only now.")
         st.code(req.url, language=None)
     except CrmBridgeError as exc:
@@ -161,7 +163,7 @@ if d.runs:
         fig.add_trace(go.Scatter(
             x=[r.started_at for r in runs], y=[r.records_in + r.records_out for r in runs], mode="markers",
             name=status.replace("_", " "), marker={"color": STATUS_COLOR.get(status, "#455a64"), "size": 9},
-            customdata=[[r.records_in, r.records_out, r.api_calls, (r.error or "")[:120]] for r in runs],
+            customdata=[[r.records_in, r.records_out, r.api_calls, html.escape((r.error or "")[:120])] for r in runs],
             hovertemplate="%{x|%Y-%m-%d %H:%M}<br>in %{customdata[0]} · out %{customdata[1]} · "
                           "%{customdata[2]} API calls<br>%{customdata[3]}<extra></extra>",
         ))

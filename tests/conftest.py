@@ -8,6 +8,7 @@ is turned into a failure (see pytest_runtest_makereport below).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,13 +209,20 @@ def run_page(page: str, principal: Principal | None, *, timeout: float = 30, **s
     return at.run()
 
 
+def unescape_md(text: str) -> str:
+    """What a reader sees of Markdown source: backslash escapes (pages escape tenant-supplied text with
+    pages._common.md) show as the bare character."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", text)
+
+
 def page_text(at) -> str:  # type: ignore[no-untyped-def]
     """Everything a person would read on the rendered page (tables in full), for assertions."""
     parts: list[str] = []
     for name in ("title", "header", "subheader", "markdown", "caption", "text", "code", "error", "warning",
                  "info", "success", "exception", "json", "latex"):
         for el in getattr(at, name, []):
-            parts.append(str(getattr(el, "value", "")))
+            value = str(getattr(el, "value", ""))
+            parts.append(value if name in ("code", "text", "json", "exception") else unescape_md(value))
     for m in at.metric:
         parts.append(f"{m.label} {m.value} {getattr(m, 'delta', '')}")
     for d in at.dataframe:

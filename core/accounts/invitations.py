@@ -2,8 +2,13 @@
 
 Staff invite any role; a tenant admin invites tenant admins of their own tenant only. The account is
 created when the invitee opens the link and chooses a password (plain HTML form at
-/auth/invite/{token}); only the SHA-256 of the link's token is stored. Inviting the same address
-again revokes the earlier link.
+/auth/invite/{token}); only the SHA-256 of the link's token is stored.
+
+Invitations are scoped to who issued them: staff may replace or revoke any invitation; a tenant admin
+only those their own tenant's admins issued. Inviting the same address again from the same scope
+revokes the earlier link; an address that has an account or a pending invitation outside the
+tenant admin's scope (another tenant's, staff's) is refused with one generic wording, whatever the
+reason, and nothing is changed.
 """
 
 from __future__ import annotations
@@ -20,11 +25,17 @@ from core.clock import utcnow
 from core.errors import AccessDenied, Conflict, InvalidInput, LinkInvalid, NotFound
 from core.settings import get_settings
 from core.tenants import auth
-from core.tenants.access import Principal
+from core.tenants.access import Principal, require_not_offboarded
 from core.tenants.audit import record_event
 from core.tenants.models import ConsoleAccount, Role, Tenant
 
 INVITE_TTL = timedelta(days=3)
+def not_available(email: str) -> str:
+    """The one refusal a tenant admin gets for an address outside their scope (an account or an
+    invitation of another tenant, or of staff): it never says which, or where."""
+    return f"{email} cannot be invited to your tenant: ask CRM Bridge staff to look into it."
+
+
 INVALID = ("This invitation link was already used, revoked or has expired: ask whoever invited you to send a "
            "new one (the Console accounts page).")
 
@@ -47,11 +58,24 @@ def _check_may_invite(session: Session, principal: Principal, role: str, tenant_
             raise InvalidInput("A tenant admin belongs to one tenant: choose an existing tenant.")
     elif tenant_id is not None:
         raise InvalidInput(f"A {role_v} account is not tied to a tenant: leave the tenant empty.")
+    require_not_offboarded(session, tenant_id, "nobody can be invited to it")
     if principal.is_staff:
         return
     if principal.is_tenant_admin and role_v == Role.tenant_admin.value and tenant_id == principal.tenant_id:
         return
     raise AccessDenied("Tenant admins can invite admins of their own tenant only: ask CRM Bridge staff for others.")
+
+
+def _issued_in_scope(session: Session, inv: ConsoleInvitation, principal: Principal) -> bool:
+    """May ``principal`` replace or revoke ``inv``? Staff: any. A tenant admin: one of their own tenant
+    that an admin of that tenant issued (never one staff issued, never another tenant's)."""
+    if principal.is_staff:
+        return True
+    if not principal.is_tenant_admin or inv.tenant_id is None or inv.tenant_id != principal.tenant_id:
+        return False
+    issuer = session.exec(select(ConsoleAccount).where(ConsoleAccount.email == inv.invited_by)).first()
+    return (issuer is not None and issuer.role == Role.tenant_admin.value
+            and issuer.tenant_id == principal.tenant_id)
 
 
 def create_invitation(
@@ -68,7 +92,8 @@ def create_invitation(
     """Create an invitation and return it with its link (the only time the link exists in clear).
 
     Raises:
-        AccessDenied, InvalidInput, Conflict (an account with that email exists).
+        AccessDenied, InvalidInput, Conflict (an account with that email exists, or, for a tenant admin,
+        the address is taken outside their scope: one generic message).
     """
     now = now or utcnow()
     email_n = auth.normalize_email(email)
@@ -77,12 +102,20 @@ def create_invitation(
         raise InvalidInput("The name is too long: use at most 200 characters.")
     existing = session.exec(select(ConsoleAccount).where(ConsoleAccount.email == email_n)).first()
     if existing is not None:
-        if principal.is_staff or existing.tenant_id == principal.tenant_id:
+        if principal.is_staff or (existing.tenant_id is not None and existing.tenant_id == principal.tenant_id):
             raise Conflict(f"A console account for {email_n} already exists: send a password reset instead.")
-        raise Conflict(f"{email_n} cannot be invited to your tenant: ask CRM Bridge staff.")
-    for old in session.exec(select(ConsoleInvitation).where(
-            ConsoleInvitation.email == email_n, col(ConsoleInvitation.accepted_at).is_(None),
-            col(ConsoleInvitation.revoked_at).is_(None))):
+        raise Conflict(not_available(email_n))
+    pending = [inv for inv in session.exec(select(ConsoleInvitation).where(
+        ConsoleInvitation.email == email_n, col(ConsoleInvitation.accepted_at).is_(None),
+        col(ConsoleInvitation.revoked_at).is_(None))) if inv.expires_at > now]
+    for old in pending:
+        if _issued_in_scope(session, old, principal):
+            continue
+        if old.tenant_id is not None and old.tenant_id == principal.tenant_id:  # staff invited them here
+            raise Conflict(f"CRM Bridge staff already invited {email_n} to your tenant; that invitation stays as "
+                           "it is: ask them to send it again if it was lost.")
+        raise Conflict(not_available(email_n))
+    for old in pending:
         old.revoked_at = now
         session.add(old)
     token = secrets.token_urlsafe(32)
@@ -151,6 +184,8 @@ def revoke_invitation(
     if inv is None or not (principal.is_staff or (principal.is_tenant_admin and inv.tenant_id == principal.tenant_id
                                                   and inv.tenant_id is not None)):
         raise NotFound("No such invitation in your scope.")
+    if not _issued_in_scope(session, inv, principal):
+        raise AccessDenied(f"CRM Bridge staff sent the invitation for {inv.email}: ask them to revoke it.")
     if inv.accepted_at is not None:
         raise InvalidInput(f"The invitation for {inv.email} was already accepted: disable the account instead.")
     if inv.revoked_at is None:

@@ -28,9 +28,9 @@ from sqlmodel import Session, col, select
 from core.accounts.models import FactorState, MfaChallenge, MfaFactor, MfaRecoveryCode
 from core.accounts.secrets import forget_secret, read_secret, store_secret
 from core.clock import utcnow
-from core.errors import AccessDenied, Conflict, InvalidInput, NotFound, SessionInvalid, SignInFailed
+from core.errors import Conflict, InvalidInput, NotFound, SessionInvalid, SignInFailed
 from core.tenants import auth
-from core.tenants.access import Principal
+from core.tenants.access import NOT_IN_SCOPE, Principal
 from core.tenants.audit import record_event
 from core.tenants.models import ConsoleAccount, Role
 
@@ -392,9 +392,9 @@ def reset_mfa(session: Session, *, principal: Principal, account_id: int, now: d
     now = now or utcnow()
     account = session.get(ConsoleAccount, account_id)
     if account is None:
-        raise NotFound("No such console account in your scope.")
+        raise NotFound(NOT_IN_SCOPE)
     if not principal.is_staff and not (principal.is_tenant_admin and account.tenant_id == principal.tenant_id):
-        raise AccessDenied("You can only manage console accounts of your own tenant.")
+        raise NotFound(NOT_IN_SCOPE)  # the same words as for no account: ids of other tenants stay unknown
     if account.id == principal.account_id:
         raise InvalidInput("You cannot reset your own two-factor authentication: ask another admin.")
     factor = get_factor(session, account_id)

@@ -17,10 +17,10 @@ from sqlmodel import Session, col, select
 
 from core.accounts.models import PasswordResetLink
 from core.clock import utcnow
-from core.errors import AccessDenied, InvalidInput, LinkInvalid, NotFound
+from core.errors import InvalidInput, LinkInvalid, NotFound
 from core.settings import get_settings
 from core.tenants import auth
-from core.tenants.access import Principal
+from core.tenants.access import NOT_IN_SCOPE, Principal
 from core.tenants.audit import record_event
 from core.tenants.models import ConsoleAccount
 
@@ -79,9 +79,9 @@ def admin_reset_link(
     now = now or utcnow()
     account = session.get(ConsoleAccount, account_id)
     if account is None:
-        raise NotFound("No such console account in your scope.")
+        raise NotFound(NOT_IN_SCOPE)
     if not principal.is_staff and not (principal.is_tenant_admin and account.tenant_id == principal.tenant_id):
-        raise AccessDenied("You can only manage console accounts of your own tenant.")
+        raise NotFound(NOT_IN_SCOPE)  # the same words as for no account: ids of other tenants stay unknown
     if account.disabled:
         raise LinkInvalid(f"{account.email} is disabled: enable the account before sending a reset link.")
     url = _new_link(session, account, requested_by=principal.email, now=now)
@@ -124,6 +124,7 @@ def complete_reset(session: Session, *, token: str, password: str, now: datetime
     account.failed_attempts = 0
     account.locked_until = None
     session.add(account)
+    auth.clear_source_locks(session, account.id)  # type: ignore[arg-type]
     ended = auth.revoke_sessions(session, account_id=account.id, now=now)  # type: ignore[arg-type]
     record_event(session, principal=account.email, action="console_account.password_reset",
                  tenant_id=account.tenant_id, target=f"console_account:{account.id}",

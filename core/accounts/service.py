@@ -17,7 +17,7 @@ from core.alerts.channels import SmtpConfig, send_email
 from core.clock import utcnow
 from core.errors import AccessDenied, DeliveryFailed, NotFound
 from core.tenants import auth
-from core.tenants.access import Principal
+from core.tenants.access import NOT_IN_SCOPE, Principal
 from core.tenants.audit import record_event
 from core.tenants.models import ConsoleAccount, Tenant
 
@@ -68,7 +68,8 @@ def list_accounts(
         rows.append(AccountRow(
             id=a.id, email=a.email, name=a.name, role=a.role, tenant_id=a.tenant_id,
             tenant=names.get(a.tenant_id, "") if a.tenant_id else "CRM Bridge", disabled=a.disabled,
-            locked=bool(a.locked_until and a.locked_until > now), mfa=label,
+            locked=bool(a.locked_until and a.locked_until > now) or bool(auth.active_source_locks(session, a.id, now)),
+            mfa=label,
             recovery_codes_left=st.recovery_codes_left, last_sign_in_at=a.last_sign_in_at, created_at=a.created_at,
         ))
     return rows
@@ -153,7 +154,7 @@ def _get_in_scope(session: Session, principal: Principal, account_id: int) -> Co
     account = session.get(ConsoleAccount, account_id)
     if account is None or not (principal.is_staff or (principal.is_tenant_admin and account.tenant_id is not None
                                                       and account.tenant_id == principal.tenant_id)):
-        raise NotFound("No such console account in your scope.")
+        raise NotFound(NOT_IN_SCOPE)
     return account
 
 
@@ -174,11 +175,12 @@ def reset_account_mfa(*, session: Session, principal: Principal, account_id: int
 
 def unlock_account(*, session: Session, principal: Principal, account_id: int,
                    now: datetime | None = None) -> None:
-    """Lift a lockout (after 5 wrong passwords or codes) before its 15 minutes are up."""
+    """Lift a lockout (after 5 wrong passwords from an address, or 5 wrong codes) before it ends."""
     account = _get_in_scope(session, principal, account_id)
     account.locked_until = None
     account.failed_attempts = 0
     session.add(account)
+    auth.clear_source_locks(session, account_id)
     record_event(session, principal=principal, action="console_account.unlock", tenant_id=account.tenant_id,
                  target=f"console_account:{account.id}", at=now or utcnow())
 

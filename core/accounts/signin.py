@@ -9,17 +9,21 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from sqlmodel import Session
 from starlette.responses import RedirectResponse, Response
 
 from core.accounts import mfa
-from core.errors import SessionInvalid
+from core.alerts.channels import SmtpConfig, send_email
+from core.errors import DeliveryFailed, SessionInvalid
 from core.settings import get_settings
 from core.tenants import auth
 from core.tenants.models import ConsoleAccount
 from core.web import set_session_cookie
+
+log = logging.getLogger("crmbridge.accounts")
 
 MFA_COOKIE = "crmbridge_mfa"
 MFA_PATH = "/auth/mfa"
@@ -66,3 +70,24 @@ def enrolment_pending(session: Session, token: str | None) -> bool:
     except SessionInvalid:
         return False
     return row.method == auth.ENROL_ONLY_METHOD
+
+
+def lock_notice_text(address: str, until: datetime) -> str:
+    return ("Someone entered a wrong password for your CRM Bridge console account 5 times from the network "
+            f"address {address}. Sign-in to your account from that address is paused until {until:%Y-%m-%d %H:%M} "
+            "UTC; sign-in from anywhere else works as usual.\n\n"
+            "If this was you, wait and try again (or reset your password at /auth/reset). If it was not, your "
+            "password held, but consider changing it; the event is in the audit log as account.locked.\n")
+
+
+def lock_notifier(smtp: SmtpConfig | None = None) -> auth.LockNotice:
+    """What /auth/login passes to ``auth.authenticate(on_lock=...)``: email the account holder when
+    wrong passwords from one address pause sign-in to their account (a failed email is logged, never
+    raised: the lock and its audit event stand)."""
+    def notify(account: ConsoleAccount, address: str, until: datetime) -> None:
+        try:
+            send_email(smtp or SmtpConfig.from_settings(), to=[account.email],
+                       subject="CRM Bridge: sign-in to your account was paused", body=lock_notice_text(address, until))
+        except DeliveryFailed as exc:
+            log.warning("lock notice for console account %s not sent: %s", account.id, exc.message)
+    return notify

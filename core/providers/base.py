@@ -249,6 +249,8 @@ class ProviderBase(Provider):
         on_credential_update: CredentialUpdateCallback | None = None,
         clock: Clock = utcnow,
     ) -> None:
+        if transport is not None:  # (None only in unit tests that never call out)
+            transport.check_account(account)  # the vendor's own hosts only, before any secret is sent
         self.account = account
         self._credential = credential
         self.transport = transport

@@ -244,6 +244,28 @@ class EditionFacts(_Model):
         return out
 
 
+class VendorHosts(_Model):
+    """The hosts a provider may talk to (its vendor's own domains) — the only places a CRM URL may point.
+
+    A pattern is a host name; ``*.`` at its start stands for one or more DNS labels and a ``*`` inside a
+    label for any letters, digits or hyphens (``*.crm*.dynamics.com`` matches ``acme.crm4.dynamics.com``).
+    """
+
+    patterns: list[str] = Field(min_length=1)
+    source: Source
+    as_of: dt.date
+    verified: bool = False
+    note: str | None = None
+
+    @field_validator("patterns")
+    @classmethod
+    def _valid_patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not re.fullmatch(r"(\*\.)?[a-z0-9*-]+(\.[a-z0-9*-]+)+", p) or "**" in p:
+                raise ValueError(f"host pattern {p!r} must be a lower-case host name, optionally starting with *.")
+        return v
+
+
 class ProviderEntry(_Model):
     slug: str
     name: str
@@ -253,6 +275,7 @@ class ProviderEntry(_Model):
     account_fields: list[FieldSpec]
     auth_modes: list[AuthMode]
     editions: dict[str, EditionFacts]
+    hosts: VendorHosts
     retirements: list[Retirement] = Field(default_factory=list)
 
     @model_validator(mode="before")

@@ -30,7 +30,6 @@ Every provider class registered in ``core.providers.registry`` has this construc
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,8 @@ from core.errors import AuthenticationFailed, ConfigurationError
 if TYPE_CHECKING:
     import httpx
     import requests
+
+    from core.providers.transport import CrmUrlPolicy, Resolver
 
 Credential = Mapping[str, "SecretStr | str | None"]
 AuthFailureCallback = Callable[[AuthenticationFailed], None]
@@ -139,10 +140,16 @@ def pinned_session(verify: str | bool = True) -> requests.Session:
 
 @dataclass
 class HttpTransport:
-    """The caller's HTTP seam. Pass ready clients, or let it build them lazily trusting ``verify``.
+    """The caller's HTTP seam. Pass ready clients, or let it build guarded ones lazily trusting ``verify``.
 
-    ``verify`` is a CA bundle path (the sandbox CA in tests and the demo) or True for the system
-    store. ``max_response_bytes`` bounds what a provider will read (bigger → MalformedResponse).
+    Built clients go through ``core.providers.transport.GuardedTransport``: only the vendors' hosts
+    (``url_policy``; by default the catalog's vendor hosts and nothing else — the sandbox only when the
+    policy names it), only checked public addresses (resolved once by ``resolver``, the connection
+    pinned to the checked one), ``timeout`` seconds for the whole of one call (connect, headers and
+    body), and at most ``max_response_bytes`` read from one answer (bigger → MalformedResponse, reading
+    stops there). ``session()`` sends through that same client. Ready ``httpx_client`` /
+    ``requests_session`` objects are used as given (unit tests over ``httpx.MockTransport``); the
+    product never passes one.
     """
 
     verify: str | bool = True
@@ -151,28 +158,46 @@ class HttpTransport:
     requests_session: requests.Session | None = None
     httpx_client: httpx.Client | None = None
     user_agent: str = "CRM-Bridge/0.1"
+    url_policy: CrmUrlPolicy | None = None
+    resolver: Resolver | None = None
+
+    def policy(self) -> CrmUrlPolicy:
+        from core.providers.transport import CrmUrlPolicy
+
+        return self.url_policy or CrmUrlPolicy.vendors()
+
+    def check_account(self, account: AccountConfig) -> None:
+        """The account's URLs are on its provider's vendor hosts (or the policy's sandbox).
+
+        Raises:
+            ConfigurationError (code ``url_refused``), naming the URL and the fix.
+        """
+        from core.providers.transport import check_account_urls
+
+        check_account_urls(self.policy(), account.provider, account.instance_url, account.settings)
 
     def session(self) -> requests.Session:
-        """A requests.Session (zeep, simple-salesforce) trusting ``verify``."""
+        """A requests.Session (zeep, simple-salesforce) sending through ``client()``."""
         if self.requests_session is None:
+            from core.providers.transport import httpx_adapter
+
             s = pinned_session(self.verify)
+            s.trust_env = False  # no proxy from the environment: it would bypass the address check
             s.headers["User-Agent"] = self.user_agent
+            adapter = httpx_adapter(self.client)
+            s.mount("https://", adapter)
+            s.mount("http://", adapter)
             self.requests_session = s
         return self.requests_session
 
     def client(self) -> httpx.Client:
-        """An httpx.Client (Web API / REST providers) trusting ``verify``."""
+        """An httpx.Client (Web API / REST providers) over the guarded transport."""
         if self.httpx_client is None:
-            import httpx
+            from core.providers.transport import GuardedTransport, guarded_client
 
-            verify: ssl.SSLContext | bool
-            if isinstance(self.verify, str):
-                verify = ssl.create_default_context(cafile=self.verify)
-            else:
-                verify = self.verify
-            self.httpx_client = httpx.Client(
-                verify=verify, timeout=self.timeout, headers={"User-Agent": self.user_agent}
-            )
+            transport = GuardedTransport(policy=self.policy(), verify=self.verify, deadline_s=self.timeout,
+                                         max_bytes=self.max_response_bytes, resolver=self.resolver)
+            self.httpx_client = guarded_client(transport, user_agent=self.user_agent)
         return self.httpx_client
 
     def close(self) -> None:

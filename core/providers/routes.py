@@ -57,12 +57,13 @@ from starlette.routing import BaseRoute, Route
 
 from core.clock import utcnow
 from core.db import session_scope
-from core.errors import AccessDenied, CrmBridgeError, InvalidInput, LinkInvalid, NotFound
+from core.errors import AccessDenied, ConfigurationError, CrmBridgeError, InvalidInput, LinkInvalid, NotFound
 from core.providers import service
 from core.providers.base import AuthorizationCodeSupport, ConnectionReport, TokenGrant
 from core.providers.catalog import FieldSpec
 from core.providers.config import AccountConfig
 from core.providers.models import OAuthStateUse
+from core.providers.transport import CrmUrlPolicy, check_account_urls
 from core.settings import get_settings
 from core.tenants.access import Principal
 from core.tenants.audit import record_event
@@ -159,19 +160,31 @@ def _provider_class(provider: str) -> Any:
 
 
 def begin_authorization(
-    *, account: CrmAccount, binding: str, login_hint: str | None = None, now: datetime | None = None
+    *, account: CrmAccount, binding: str, login_hint: str | None = None, now: datetime | None = None,
+    url_policy: CrmUrlPolicy | None = None,
 ) -> str:
-    """The CRM's authorize URL for ``account``, with a signed state and a PKCE challenge."""
+    """The CRM's authorize URL for ``account``, with a signed state and a PKCE challenge.
+
+    Raises:
+        ConfigurationError (``url_refused``): the account's URLs or the sign-in page are not on the vendor's
+            hosts (``url_policy``, by default the product's: ``CrmUrlPolicy.from_settings()``).
+    """
     if not binding or len(binding) > 200:
         raise InvalidInput("An OAuth binding (who the grant is for) is required.")
     assert account.id is not None
     now = now or utcnow()
     cls = _provider_class(account.provider)
+    config = AccountConfig.from_crm_account(account)
+    policy = url_policy or CrmUrlPolicy.from_settings()  # a user is sent to sign in there: the vendor's own hosts only
+    check_account_urls(policy, account.provider, config.instance_url, config.settings)
     state = make_state(account_id=account.id, provider=account.provider, binding=binding, now=now)
     url = str(cls.authorization_url(
-        AccountConfig.from_crm_account(account), redirect_uri=redirect_uri(account.provider), state=state,
+        config, redirect_uri=redirect_uri(account.provider), state=state,
         code_challenge=code_challenge(code_verifier(state)), login_hint=login_hint,
     ))
+    refusal = policy.refusal(url, account.provider, what="The CRM sign-in page")
+    if refusal:
+        raise ConfigurationError(refusal, fix="Check the account's URLs.", code="url_refused")
     return get_settings().browser_facing(url)  # demo: the sandbox's consent page without a TLS warning
 
 

@@ -25,6 +25,7 @@ from core.providers.base import ApiUsage, ConnectionReport, LicenseSnapshot, Pro
 from core.providers.catalog import FieldSpec, get_catalog
 from core.providers.config import AccountConfig, Credential, HttpTransport
 from core.providers.models import ApiUsageSample
+from core.providers.transport import CrmUrlPolicy, check_account_urls
 from core.settings import get_settings
 from core.tenants.access import Principal, require_tenant
 from core.tenants.audit import record_event
@@ -49,9 +50,22 @@ ProviderFactory = Callable[..., Provider]
 
 # -- helpers -----------------------------------------------------------------------------------------
 def default_transport() -> HttpTransport:
-    """The HTTP seam for console and workers: trusts the sandbox CA when one is configured."""
+    """The HTTP seam for console and workers: trusts the sandbox CA when one is configured, and calls
+    only the vendors' hosts (plus the sandbox in demo mode)."""
     s = get_settings()
-    return HttpTransport(verify=str(s.sandbox_ca_file) if s.sandbox_ca_file else True)
+    return HttpTransport(verify=str(s.sandbox_ca_file) if s.sandbox_ca_file else True,
+                         url_policy=CrmUrlPolicy.from_settings(s))
+
+
+def _check_urls(provider: str, settings: Mapping[str, Any], url_policy: CrmUrlPolicy | None) -> None:
+    """The account's URLs are on the provider's vendor hosts (InvalidInput naming the field otherwise)."""
+    policy = url_policy or CrmUrlPolicy.from_settings()
+    titles = {f.name: f.title for f in get_catalog().provider(provider).account_fields}
+    try:
+        check_account_urls(policy, provider, str(settings.get("instance_url") or ""),
+                           {k: v for k, v in settings.items() if k != "instance_url"}, titles=titles)
+    except ConfigurationError as exc:
+        raise InvalidInput(exc.message, fix=exc.fix, code=exc.code) from None
 
 
 def account_config(account: CrmAccount) -> AccountConfig:
@@ -134,6 +148,7 @@ def add_crm_account(
     auth_mode: str,
     values: dict[str, str | None],
     now: datetime | None = None,
+    url_policy: CrmUrlPolicy | None = None,
 ) -> CrmAccount:
     """Create a CRM account from the full catalog form; secret fields go straight to the vault.
 
@@ -152,6 +167,7 @@ def add_crm_account(
     if not (label or "").strip() or len((label or "").strip()) > 120:
         raise InvalidInput("Give the CRM account a label of 1–120 characters (e.g. 'EMEA sales').")
     settings, secrets = cat.validate_values(provider, auth_mode, values)
+    _check_urls(provider, settings, url_policy)
     account = _new_account(session, principal=principal, tenant_id=tenant_id, provider=provider, edition=edition,
                            label=label, auth_mode=auth_mode, credential_mode=mode.credential_mode,
                            settings=settings, now=now)
@@ -176,6 +192,7 @@ def add_crm_account_settings(
     auth_mode: str,
     values: Mapping[str, str | None],
     now: datetime | None = None,
+    url_policy: CrmUrlPolicy | None = None,
 ) -> CrmAccount:
     """Create a CRM account from the catalog form's **non-secret** fields only (what the console's
     Streamlit form collects); its secret fields are entered afterwards in the secure HTML form at
@@ -207,6 +224,7 @@ def add_crm_account_settings(
         value = f.check(values.get(f.name))
         if value is not None:
             settings[f.name] = value
+    _check_urls(provider, settings, url_policy)
     account = _new_account(session, principal=principal, tenant_id=tenant_id, provider=provider, edition=edition,
                            label=label, auth_mode=auth_mode, credential_mode=mode.credential_mode,
                            settings=settings, now=now)

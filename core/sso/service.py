@@ -59,7 +59,7 @@ from core.sso.sp import (
     sp_metadata_xml,
     validate_saml_response,
 )
-from core.tenants.access import Principal, require_staff, require_tenant
+from core.tenants.access import OFFBOARDED_CODE, Principal, offboarded_message, require_staff, require_tenant
 from core.tenants.audit import record_event
 from core.tenants.models import ConsoleAccount, Role, Tenant, TenantStatus
 
@@ -679,12 +679,17 @@ def sp_metadata(*, session: Session, tenant_slug: str, now: datetime | None = No
     return xml
 
 
+OFFBOARDED_SSO = "single sign-on to CRM Bridge is closed for its accounts"
+
+
 def _tenant_by_slug(session: Session, slug: str) -> Tenant:
     if not SLUG_RE.match(slug or ""):
         raise NotFound("Unknown tenant: check the address.")
     t = session.exec(select(Tenant).where(Tenant.slug == slug)).first()
-    if t is None or t.status == TenantStatus.offboarded.value:
+    if t is None:
         raise NotFound("Unknown tenant: check the address.")
+    if t.status == TenantStatus.offboarded.value:
+        raise NotFound(offboarded_message(t.name, OFFBOARDED_SSO), code=OFFBOARDED_CODE)
     return t
 
 
@@ -1040,7 +1045,7 @@ def _acs_target(session: Session, slug: str) -> _AcsTarget | None:
     if not SLUG_RE.match(slug or ""):
         return None
     row = session.connection().execute(_ACS_TARGET_SQL, {"slug": slug}).first()
-    if row is None or row[3] == TenantStatus.offboarded.value:
+    if row is None:
         return None
     return _AcsTarget(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]))
 
@@ -1106,6 +1111,9 @@ def consume_response(
     tenant = _acs_target(session, tenant_slug)
     if tenant is None:
         return _refused("unknown_tenant", "Unknown tenant.", "Check the ACS URL configured at the IdP.", status=404)
+    if tenant.status == TenantStatus.offboarded.value:
+        return _refused(OFFBOARDED_CODE, offboarded_message(tenant.name, OFFBOARDED_SSO),
+                        "Ask CRM Bridge staff to restore the tenant if this is a mistake.", status=403)
     if tenant.config_id is None or tenant.config_version is None:
         return _refused("not_configured", f"{tenant.name} has no SSO configuration.",
                         "Import the IdP metadata on the SSO page first.", status=404)

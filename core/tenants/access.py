@@ -10,9 +10,10 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from core.errors import AccessDenied
-from core.tenants.models import Role
+from core.tenants.models import Role, Tenant, TenantStatus
 
 
 @dataclass(frozen=True)
@@ -78,3 +79,28 @@ def tenant_scope(principal: Principal) -> int | None:
     if principal.is_tenant_admin and principal.tenant_id is not None:
         return principal.tenant_id
     raise AccessDenied("Tenant-level lists are for staff and tenant admins.")
+
+
+OFFBOARDED_CODE = "tenant_offboarded"
+# One wording whenever a console account is missing or outside the principal's scope, so an admin
+# cannot tell another tenant's account (or staff's) from no account at all.
+NOT_IN_SCOPE = "No such console account in your scope."
+
+
+def offboarded_message(tenant_name: str, what: str) -> str:
+    """What every refusal for an offboarded tenant says (sign-in, sessions, vault writes)."""
+    return (f"{tenant_name} has been offboarded from CRM Bridge: {what}. If this is a mistake, ask CRM Bridge "
+            "staff to restore the tenant.")
+
+
+def require_not_offboarded(session: Any, tenant_id: int | None, what: str) -> None:
+    """Refuse ``what`` (e.g. "new credentials cannot be stored") for an offboarded tenant.
+
+    Raises:
+        AccessDenied: with code ``tenant_offboarded`` and a message saying the tenant is offboarded.
+    """
+    if tenant_id is None:
+        return
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is not None and tenant.status == TenantStatus.offboarded.value:
+        raise AccessDenied(offboarded_message(tenant.name, what), code=OFFBOARDED_CODE)

@@ -2,8 +2,13 @@
 
 - Passwords: argon2id. Unknown emails are checked against a dummy hash so timing reveals nothing,
   and every failure gives one generic message.
-- Lockout: 5 failures lock the account for 15 minutes. Per-address throttling (30 failures per
-  15 minutes) stops one client from locking out everyone by guessing emails.
+- Lockout per (account, client address): 5 wrong passwords from one address pause sign-in to that
+  account *from that address* (15 minutes, doubling with each further lock up to a day), so a
+  stranger cannot lock the real holder out from elsewhere. Each lock is audited (``account.locked``
+  with the address) and the caller's ``on_lock`` tells the holder (core.accounts emails them).
+  Per-address throttling (30 failures per 15 minutes) stops one client from guessing many emails.
+- Offboarded tenants: a correct password of one of its accounts is refused with a message saying
+  so; no session starts for its accounts and their live sessions stop working.
 - Sessions: a random token in an HttpOnly, SameSite=Lax cookie; only its SHA-256 is stored. Absolute
   and idle expiry; revocable (sign-out, disabling an account) everywhere at once.
 - Second factor (core.accounts.mfa): a session's ``method`` says how it was earned. Staff sessions
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
@@ -23,14 +29,30 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlmodel import Session, select
 
 from core.clock import utcnow
-from core.errors import AccessDenied, Conflict, InvalidInput, SessionInvalid, SignInFailed
+from core.errors import Conflict, InvalidInput, NotFound, SessionInvalid, SignInFailed
 from core.settings import get_settings
-from core.tenants.access import Principal, require_staff
+from core.tenants.access import (
+    NOT_IN_SCOPE,
+    Principal,
+    offboarded_message,
+    require_not_offboarded,
+    require_staff,
+)
 from core.tenants.audit import record_event
-from core.tenants.models import ConsoleAccount, ConsoleSession, Role, SignInThrottle, Tenant
+from core.tenants.models import (
+    ConsoleAccount,
+    ConsoleSession,
+    Role,
+    SignInLock,
+    SignInThrottle,
+    Tenant,
+    TenantStatus,
+)
 
 MAX_FAILURES = 5
-LOCKOUT = timedelta(minutes=15)
+LOCKOUT = timedelta(minutes=15)  # the first lock of an (account, address); each further one doubles
+LOCKOUT_MAX = timedelta(days=1)
+LOCK_MEMORY = timedelta(days=1)  # an (account, address) quiet this long starts afresh
 ADDRESS_WINDOW = timedelta(minutes=15)
 ADDRESS_MAX_FAILURES = 30
 SEEN_WRITE_EVERY = timedelta(seconds=60)
@@ -44,8 +66,11 @@ ENROL_FIRST = (
 )
 GENERIC_FAILURE = (
     "Wrong email or password, or the account is locked or disabled. Check both and try again; "
-    "after 5 failed attempts the account is locked for 15 minutes."
+    "after 5 failed attempts sign-in from your network is paused for 15 minutes (longer if it goes on)."
 )
+OFFBOARDED_SIGN_IN = "console sign-in is closed for its accounts"
+LockNotice = Callable[[ConsoleAccount, str, datetime], None]
+
 
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
 _DUMMY_HASH = _hasher.hash("not-a-real-password-used-for-timing-only")
@@ -79,14 +104,54 @@ def _throttle(session: Session, address: str, now: datetime) -> SignInThrottle:
     return row
 
 
+def lock_duration(locks: int) -> timedelta:
+    """How long the ``locks``-th lock in a row of one (account, address) lasts: 15 min, 30, 60, … a day."""
+    return min(LOCKOUT * (2 ** min(max(locks - 1, 0), 16)), LOCKOUT_MAX)
+
+
+def _source_lock(session: Session, account_id: int, address: str, now: datetime) -> SignInLock:
+    row = session.get(SignInLock, (account_id, address))
+    if row is None:
+        row = SignInLock(account_id=account_id, address=address, failures=0, locks=0, last_failure_at=now)
+    elif now - row.last_failure_at > LOCK_MEMORY and not (row.locked_until and row.locked_until > now):
+        row.failures, row.locks, row.locked_until = 0, 0, None
+    return row
+
+
+def active_source_locks(session: Session, account_id: int, now: datetime | None = None) -> list[SignInLock]:
+    """The addresses sign-in to this account is paused from right now."""
+    now = now or utcnow()
+    return [r for r in session.exec(select(SignInLock).where(SignInLock.account_id == account_id))
+            if r.locked_until is not None and r.locked_until > now]
+
+
+def clear_source_locks(session: Session, account_id: int) -> None:
+    """Lift every per-address lock of an account (an admin's unlock, a password reset)."""
+    for r in session.exec(select(SignInLock).where(SignInLock.account_id == account_id)):
+        session.delete(r)
+
+
+def _tenant_offboarded(session: Session, account: ConsoleAccount) -> Tenant | None:
+    if account.tenant_id is None:
+        return None
+    tenant = session.get(Tenant, account.tenant_id)
+    return tenant if tenant is not None and tenant.status == TenantStatus.offboarded.value else None
+
+
 def authenticate(
-    session: Session, *, email: str, password: str, address: str, now: datetime | None = None
+    session: Session, *, email: str, password: str, address: str, now: datetime | None = None,
+    on_lock: LockNotice | None = None,
 ) -> ConsoleAccount:
     """Check a console sign-in. Commits the failure counters itself (they must survive the error).
 
+    ``on_lock(account, address, locked_until)`` is called (after the commit) when this failure starts
+    a lock, so the caller can tell the account holder.
+
     Raises:
         SignInFailed: with one generic message for every reason (unknown email, wrong password,
-            locked, disabled), or a throttling message naming the wait when the address is throttled.
+            locked from this address, disabled), a throttling message naming the wait when the address
+            is throttled, or, for a correct password of an offboarded tenant's account, a message
+            saying the tenant is offboarded.
     """
     now = now or utcnow()
     throttle = _throttle(session, address, now)
@@ -104,20 +169,36 @@ def authenticate(
                             password or "")
     except (VerificationError, InvalidHashError):
         ok = False
-    locked = bool(account and account.locked_until and account.locked_until > now)
+    source = _source_lock(session, account.id, address, now) if account is not None and account.id else None
+    # account.locked_until is the second-factor lock (5 wrong codes after a correct password)
+    locked = bool(account and ((account.locked_until and account.locked_until > now)
+                               or (source and source.locked_until and source.locked_until > now)))
     if account is None or not ok or locked or account.disabled or not account.password_hash:
         throttle.failures += 1
         session.add(throttle)
-        if account is not None and not locked:
-            account.failed_attempts += 1
-            if account.failed_attempts >= MAX_FAILURES:
-                account.locked_until = now + LOCKOUT
-                account.failed_attempts = 0
-                record_event(session, principal=account.email, action="account.locked",
-                             tenant_id=account.tenant_id, target=f"console_account:{account.id}", at=now)
-            session.add(account)
+        started: datetime | None = None
+        if account is not None and source is not None and not locked:
+            source.failures += 1
+            source.last_failure_at = now
+            if source.failures >= MAX_FAILURES:
+                source.locks += 1
+                source.failures = 0
+                source.locked_until = started = now + lock_duration(source.locks)
+                record_event(session, principal="anonymous", action="account.locked",
+                             tenant_id=account.tenant_id, target=f"console_account:{account.id}", at=now,
+                             details={"email": account.email, "address": address, "until": started,
+                                      "lock": source.locks, "reason": f"{MAX_FAILURES} wrong passwords"})
+            session.add(source)
         session.commit()
+        if started is not None and on_lock is not None and account is not None:
+            on_lock(account, address, started)
         raise SignInFailed(GENERIC_FAILURE)
+    gone = _tenant_offboarded(session, account)
+    if gone is not None:
+        raise SignInFailed(offboarded_message(gone.name, OFFBOARDED_SIGN_IN), code="tenant_offboarded")
+    held = session.get(SignInLock, (account.id, address))
+    if held is not None:  # a correct password from this address forgets its failures
+        session.delete(held)
     account.failed_attempts = 0
     account.locked_until = None
     account.last_sign_in_at = now
@@ -139,6 +220,9 @@ def start_session(
     account = session.get(ConsoleAccount, account_id)
     if account is None or account.disabled:
         raise SessionInvalid("This console account is disabled: ask CRM Bridge staff to re-enable it.")
+    gone = _tenant_offboarded(session, account)
+    if gone is not None:
+        raise SessionInvalid(offboarded_message(gone.name, OFFBOARDED_SIGN_IN), code="tenant_offboarded")
     token = secrets.token_urlsafe(32)
     settings = get_settings()
     session.add(ConsoleSession(
@@ -162,12 +246,18 @@ def session_from_token(
         raise SessionInvalid("You are not signed in: open /auth/login to sign in.")
     now = now or utcnow()
     row = session.exec(select(ConsoleSession).where(ConsoleSession.token_hash == _token_hash(token))).first()
-    if row is None or row.revoked_at is not None:
+    if row is None:
+        raise SessionInvalid("Your session has ended: sign in again at /auth/login.")
+    account = session.get(ConsoleAccount, row.account_id)
+    gone = _tenant_offboarded(session, account) if account is not None else None
+    if gone is not None:  # ended by the offboarding (or refused if a replica missed it): say why
+        raise SessionInvalid(offboarded_message(gone.name, "its console sessions have ended"),
+                             code="tenant_offboarded")
+    if row.revoked_at is not None:
         raise SessionInvalid("Your session has ended: sign in again at /auth/login.")
     idle = timedelta(minutes=get_settings().session_idle_minutes)
     if now >= row.expires_at or now - row.last_seen_at > idle:
         raise SessionInvalid("Your session expired: sign in again at /auth/login.")
-    account = session.get(ConsoleAccount, row.account_id)
     if account is None or account.disabled:
         raise SessionInvalid("This console account is disabled: ask CRM Bridge staff to re-enable it.")
     return row, account
@@ -201,6 +291,13 @@ def end_session(session: Session, token: str | None, *, now: datetime | None = N
         if account is not None:
             record_event(session, principal=principal_for(account), action="session.end",
                          tenant_id=account.tenant_id, target=f"console_account:{account.id}", at=row.revoked_at)
+
+
+def revoke_tenant_sessions(session: Session, *, tenant_id: int, now: datetime | None = None) -> int:
+    """End every console session of a tenant's accounts at once (offboarding)."""
+    now = now or utcnow()
+    ids = session.exec(select(ConsoleAccount.id).where(ConsoleAccount.tenant_id == tenant_id)).all()
+    return sum(revoke_sessions(session, account_id=i, now=now) for i in ids if i is not None)
 
 
 def revoke_sessions(session: Session, *, account_id: int, now: datetime | None = None) -> int:
@@ -237,6 +334,7 @@ def create_console_account(
     if role_v == Role.tenant_admin.value:
         if tenant_id is None or session.get(Tenant, tenant_id) is None:
             raise InvalidInput("A tenant admin belongs to one tenant: choose an existing tenant.")
+        require_not_offboarded(session, tenant_id, "no new console account can be created for it")
     elif tenant_id is not None:
         raise InvalidInput(f"A {role_v} account is not tied to a tenant: leave the tenant empty.")
     if session.exec(select(ConsoleAccount).where(ConsoleAccount.email == email_n)).first():
@@ -260,11 +358,11 @@ def set_account_disabled(
     """Disable (ending every session at once) or re-enable a console account."""
     account = session.get(ConsoleAccount, account_id)
     if account is None:
-        raise AccessDenied("No such console account in your scope.")
+        raise NotFound(NOT_IN_SCOPE)
     if not principal.is_staff and not (
         principal.is_tenant_admin and account.tenant_id == principal.tenant_id
     ):
-        raise AccessDenied("You can only manage console accounts of your own tenant.")
+        raise NotFound(NOT_IN_SCOPE)  # the same words as for no account: ids of other tenants stay unknown
     if account.id == principal.account_id and disabled:
         raise InvalidInput("You cannot disable your own account: ask another admin.")
     account.disabled = disabled

@@ -166,6 +166,21 @@ class SignInThrottle(SQLModel, table=True):
     failures: int = Field(default=0)
 
 
+class SignInLock(SQLModel, table=True):
+    """Wrong passwords for one console account from one client address, and the lock they earned
+    (15 minutes, doubling with each further lock up to a day): a lock pauses sign-in to that account
+    from that address only, so nobody can lock the holder out from elsewhere."""
+
+    __tablename__ = "console_sign_in_lock"
+
+    account_id: int = Field(foreign_key="console_account.id", primary_key=True)
+    address: str = Field(primary_key=True, max_length=64)
+    failures: int = Field(default=0)
+    locks: int = Field(default=0)
+    locked_until: datetime | None = Field(default=None, sa_column=utc_column())
+    last_failure_at: datetime = Field(sa_column=utc_column(nullable=False))
+
+
 class AuditEvent(SQLModel, table=True):
     """Append-only. ``hmac`` covers the content and ``prev_hmac``; see core.tenants.audit."""
 

@@ -90,13 +90,13 @@ async def login_post(request: Request) -> Response:
     next_path = safe_next(str(form.get("next") or "/"))
     if not csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf") or "")):
         return _login_form("The form expired or was not sent from this page: try signing in again.", next_path, 400)
-    from core.accounts.signin import after_password
+    from core.accounts.signin import after_password, lock_notifier
 
     try:
         with session_scope() as s:
             account = auth.authenticate(
                 s, email=str(form.get("email") or ""), password=str(form.get("password") or ""),
-                address=client_address(request),
+                address=client_address(request), on_lock=lock_notifier(),
             )
             # second factor, enrolment-only session (staff not enrolled yet) or a console session
             resp = after_password(s, account=account, next_path=next_path)

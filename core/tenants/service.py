@@ -22,6 +22,7 @@ from core.tenants.access import (
     tenant_scope,
 )
 from core.tenants.audit import record_event
+from core.tenants.auth import revoke_tenant_sessions
 from core.tenants.models import (
     AppUser,
     AppUserCreate,
@@ -150,8 +151,13 @@ def set_tenant_status(*, session: Session, principal: Principal, tenant_id: int,
     tenant.status = new
     tenant.updated_at = utcnow()
     session.add(tenant)
+    details: dict[str, object] = {"from": old, "to": new}
+    if new == TenantStatus.offboarded.value:
+        # Offboarding ends every console session of the tenant at once; sign-in (password and SSO),
+        # new sessions and vault writes are refused from now on (core.tenants.auth, core.vault).
+        details["sessions_ended"] = revoke_tenant_sessions(session, tenant_id=tenant_id)
     record_event(session, principal=principal, action="tenant.status", tenant_id=tenant_id,
-                 target=f"tenant:{tenant.slug}", details={"from": old, "to": new})
+                 target=f"tenant:{tenant.slug}", details=details)
     return tenant
 
 

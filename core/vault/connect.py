@@ -38,15 +38,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import SecretStr
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from core.db import session_scope
 from core.errors import ConfigurationError, InvalidInput, LinkInvalid, NotFound, ProviderError
 from core.settings import get_settings
-from core.tenants.access import Principal, require_tenant
+from core.tenants.access import Principal, offboarded_message, require_not_offboarded, require_tenant
 from core.tenants.audit import record_event
-from core.tenants.models import AppUser, AppUserCrmIdentity, CrmAccount, Tenant
+from core.tenants.models import AppUser, AppUserCrmIdentity, CrmAccount, Tenant, TenantStatus
 from core.vault import service
 from core.vault.models import CredentialKind, CredentialRef, VaultConnectLink
 from core.vault.policy import Policy, get_policy
@@ -57,6 +58,7 @@ LINK_TTL = timedelta(hours=24)
 MIN_TTL = timedelta(minutes=10)
 MAX_TTL = timedelta(days=7)
 MAX_ATTEMPTS = 5
+OFFBOARDED_STATE = "offboarded"
 LOGIN_PURPOSE = "crm-login"
 VIA = "connect-link"
 PER_USER_MODES = service.PER_USER_MODES
@@ -255,6 +257,7 @@ def create_connect_link(
         AccessDenied, NotFound, InvalidInput (account not in a per-user mode, user without a CRM user id).
     """
     require_tenant(principal, tenant_id)
+    require_not_offboarded(session, tenant_id, "no new connect link can be made for it")
     now = service.resolve_now(now)
     if not MIN_TTL <= ttl <= MAX_TTL:
         raise InvalidInput("A connect link lasts from 10 minutes to 7 days: pick a time in that range.")
@@ -289,7 +292,7 @@ def create_connect_link(
 
 @dataclass(frozen=True)
 class LinkView:
-    """What the link page shows. ``state``: "open", "used", "expired" or "locked"."""
+    """What the link page shows. ``state``: "open", "used", "expired", "locked" or "offboarded"."""
 
     link_id: int
     state: str
@@ -344,6 +347,29 @@ def _state(link: VaultConnectLink, now: datetime) -> str:
     return "open"
 
 
+def _reserve_attempt(session: Session, link_id: int, now: datetime) -> bool:
+    """Count one attempt on an open link before the CRM sees it, in one conditional UPDATE (atomic on
+    PostgreSQL and SQLite alike): of any number of concurrent submissions, at most ``MAX_ATTEMPTS``
+    ever reach the CRM. False when the link is locked, used or expired meanwhile."""
+    done = session.connection().execute(
+        update(VaultConnectLink)
+        .where(col(VaultConnectLink.id) == link_id, col(VaultConnectLink.failed_attempts) < MAX_ATTEMPTS,
+               col(VaultConnectLink.consumed_at).is_(None), col(VaultConnectLink.expires_at) > now)
+        .values(failed_attempts=col(VaultConnectLink.failed_attempts) + 1)
+    )
+    return getattr(done, "rowcount", 0) == 1
+
+
+def _give_back_attempt(session: Session, link: VaultConnectLink) -> None:
+    """A reserved attempt that succeeded is not a failure (atomic decrement, then the row reloaded)."""
+    session.connection().execute(
+        update(VaultConnectLink)
+        .where(col(VaultConnectLink.id) == link.id, col(VaultConnectLink.failed_attempts) > 0)
+        .values(failed_attempts=col(VaultConnectLink.failed_attempts) - 1)
+    )
+    session.refresh(link)
+
+
 def _view(session: Session, link: VaultConnectLink, now: datetime) -> LinkView:
     tenant = session.get(Tenant, link.tenant_id)
     user = session.get(AppUser, link.app_user_id)
@@ -355,8 +381,9 @@ def _view(session: Session, link: VaultConnectLink, now: datetime) -> LinkView:
                  if c.ref is not None and c.app_user_id == link.app_user_id
                  and c.crm_account_id == link.crm_account_id and c.purpose == LOGIN_PURPOSE), None)
     assert link.id is not None
+    state = OFFBOARDED_STATE if tenant.status == TenantStatus.offboarded.value else _state(link, now)
     return LinkView(
-        link_id=link.id, state=_state(link, now), tenant_id=link.tenant_id, tenant_name=tenant.name,
+        link_id=link.id, state=state, tenant_id=link.tenant_id, tenant_name=tenant.name,
         app_user_id=link.app_user_id, user_email=user.email, user_name=user.name, crm_account_id=link.crm_account_id,
         account_label=account.label, provider=account.provider, edition=account.edition,
         instance_url=account.instance_url, settings_json=account.settings_json,
@@ -400,6 +427,8 @@ def refuse(session: Session, token: str, *, reason: str, now: datetime | None = 
 
 def closed_message(view: LinkView) -> str:
     """What to tell the user when a link can no longer be used to connect."""
+    if view.state == OFFBOARDED_STATE:
+        return offboarded_message(view.tenant_name, "its connect links no longer store credentials")
     if view.state == "used":
         when = f"{view.consumed_at:%Y-%m-%d %H:%M} UTC" if view.consumed_at else "earlier"
         return (f"This link was already used on {when}; a link works once. To connect again, ask your admin "
@@ -446,6 +475,9 @@ def submit_link(
     with session_scope(engine) as s:
         link = _load(s, token)
         view = _view(s, link, now)
+        if view.is_open and not _reserve_attempt(s, view.link_id, now):
+            s.refresh(link)  # a concurrent submission locked or used it meanwhile
+            view = _view(s, link, now)
         if not view.is_open:
             _audit(s, link, view.user_email, "vault.link.refused", now, reason=view.state)
             refused = LinkInvalid(closed_message(view))
@@ -477,13 +509,12 @@ def submit_link(
                              "enter your own CRM login."), "identity_mismatch"
     with session_scope(engine) as s:
         link = _load(s, token, lock=True)
-        if failure is not None:
-            link.failed_attempts += 1
-            s.add(link)
+        if failure is not None:  # the attempt was counted before the CRM saw it
             _audit(s, link, view.user_email, "vault.link.test_failed", now, error=code,
                    attempts=link.failed_attempts)
             left = max(MAX_ATTEMPTS - link.failed_attempts, 0)
             return SubmitResult(False, failure, attempts_left=left)
+        _give_back_attempt(s, link)
         return _consume(s, link, view, secret, kind=CredentialKind.password.value, now=now)
 
 
@@ -546,8 +577,8 @@ def complete_oauth(
     if not view.is_open:
         raise LinkInvalid(closed_message(view))
     if not same_crm_user(view.expected_crm_user_id, crm_user_id):
-        link.failed_attempts += 1
-        session.add(link)
+        _reserve_attempt(session, link.id, now)  # type: ignore[arg-type]  # counted atomically
+        session.refresh(link)
         _audit(session, link, view.user_email, "vault.link.test_failed", now, error="identity_mismatch",
                attempts=link.failed_attempts)
         session.commit()  # the failed attempt counts even though we raise

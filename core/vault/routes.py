@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +37,17 @@ PROVIDER_NAMES = {"salesforce": "Salesforce", "dynamics-365": "Dynamics 365", "h
 
 def _crm(view: LinkView) -> str:
     return PROVIDER_NAMES.get(view.provider, view.provider)
+
+
+def _crm_host(view: LinkView) -> str:
+    """The CRM host the user's login goes to (host, and port when not the default), as the page shows it."""
+    try:
+        parts = urlsplit(view.instance_url or "")
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "an invalid address"
+    default = 443 if parts.scheme == "https" else 80
+    return f"{host}:{port}" if port and port != default else host or "an unknown address"
 
 
 def _binding(nonce: str, token: str) -> str:
@@ -85,7 +97,8 @@ def _explain(view: LinkView) -> str:
             f"<p><b>{esc(view.tenant_name)}</b> uses CRM Bridge to sync your opportunities with "
             f"<b>{esc(view.account_label)}</b> ({crm}). CRM Bridge acts in {crm} as you, with your consent.</p>"
             "<h2>What will be stored</h2><ul>"
-            f"<li>Never your password: you sign in at {crm} itself and approve access. {crm} then gives CRM "
+            f"<li>Never your password: you sign in at {crm} itself (<b>{esc(_crm_host(view))}</b>) and approve "
+            f"access. {crm} then gives CRM "
             f"Bridge a token, encrypted with a key that belongs to {esc(view.tenant_name)} alone.</li>"
             f"<li>The sign-in must be yours ({esc(view.user_email)}).</li></ul>"
             "<h2>For how long</h2><ul>"
@@ -135,6 +148,8 @@ def _form(view: LinkView, token: str, *, error: str = "") -> str:
         (f"<p class=error>{esc(error)}</p>" if error else "")
         + f"<form method=post action='{esc(action)}'><input type=hidden name=csrf value='{{csrf}}'>"
         "<input type=hidden name=action value=store>"
+        f"<p class=note>Your login goes to <b>{esc(_crm_host(view))}</b>, the {crm} address set for "
+        f"{esc(view.account_label)}. Enter your password only if this is your company's {crm} address.</p>"
         f"<label for=username>{crm} username</label>"
         "<input type=text id=username name=username autocomplete=username required maxlength=254>"
         f"<label for=password>{crm} password</label>"
@@ -279,6 +294,8 @@ async def connect_oauth(request: Request) -> Response:
                 url = connect.oauth_start_url(s, token, now=now)
         except LinkInvalid as exc:
             return _invalid(str(exc))
+        except ConfigurationError as exc:  # e.g. the account's CRM address is not the vendor's: send nobody there
+            return _invalid(str(exc), status=503)
         return RedirectResponse(url, status_code=303)
 
     return await run_in_threadpool(start)

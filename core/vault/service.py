@@ -54,7 +54,7 @@ from core.errors import (
     KeyMissing,
     NotFound,
 )
-from core.tenants.access import Principal, require_staff, require_tenant
+from core.tenants.access import Principal, require_not_offboarded, require_staff, require_tenant
 from core.tenants.audit import chain_name, record_event
 from core.tenants.models import AppUser, AuditEvent, AuditHead, CredentialMode, CrmAccount, Tenant
 from core.vault import keys
@@ -212,6 +212,7 @@ def _secret_bytes(secret: SecretStr | str | bytes) -> bytes:
 def _check_owner(session: Session, tenant_id: int, crm_account_id: int | None, app_user_id: int | None) -> None:
     if session.get(Tenant, tenant_id) is None:
         raise NotFound(f"Tenant {tenant_id} does not exist: pick a tenant from the Tenants page.")
+    require_not_offboarded(session, tenant_id, "the vault stores no new credentials for it")
     if crm_account_id is not None:
         account = session.get(CrmAccount, crm_account_id)
         if account is None or account.tenant_id != tenant_id:

@@ -10,7 +10,7 @@ from core.clock import utcnow
 from core.demo import load_scenario, read_scenario
 from core.tenants.access import Principal
 from core.tenants.models import ConsoleAccount
-from tests.conftest import page_text, run_page
+from tests.conftest import page_text, run_page, unescape_md
 
 
 def _demo(engine_) -> tuple[dict[str, int], dict[str, int]]:  # type: ignore[no-untyped-def]
@@ -62,7 +62,7 @@ def test_accounts_page_staff_sees_every_account_and_invites(app_db, smtp_sink, m
     at.selectbox(key="invite_role").select("tenant_admin")
     at.selectbox(key="invite_tenant").select(slugs["bigcorp"])
     _button(at, "Send invitation").click().run()
-    assert any("Invitation emailed to new.admin@bigcorp.example" in s.value for s in at.success)
+    assert any("Invitation emailed to new.admin@bigcorp.example" in unescape_md(s.value) for s in at.success)
     link = smtp_sink.link_to("new.admin@bigcorp.example", "/auth/invite/")
     assert link not in page_text(at)  # the link went by email, not onto the page
     assert "new.admin@bigcorp.example" in page_text(at)  # pending invitations
@@ -73,7 +73,7 @@ def test_accounts_page_staff_disables_an_account(app_db):
     at = run_page("accounts.py", _staff(ids))
     at.selectbox(key="accounts_pick").select(ids["admin@tinyco.example"]).run()
     _button(at, "Disable").click().run()
-    assert any("admin@tinyco.example is disabled: every session ended" in s.value for s in at.success)
+    assert any("admin@tinyco.example is disabled: every session ended" in unescape_md(s.value) for s in at.success)
     with Session(app_db) as s:
         assert s.get(ConsoleAccount, ids["admin@tinyco.example"]).disabled  # type: ignore[union-attr]
 
@@ -90,7 +90,7 @@ def test_accounts_page_tenant_admin_sees_only_their_tenant(app_db, smtp_sink, mo
     assert not [s for s in at.selectbox if s.key == "invite_role"]  # admins invite admins only
     at.text_input(key="invite_email").input("second@bigcorp.example")
     _button(at, "Send invitation").click().run()
-    assert any("Invitation emailed to second@bigcorp.example" in s.value for s in at.success)
+    assert any("Invitation emailed to second@bigcorp.example" in unescape_md(s.value) for s in at.success)
     assert _button(at, "Disable").disabled  # not your own account
 
 
@@ -103,7 +103,7 @@ def test_accounts_page_shows_the_link_once_when_email_fails(app_db, monkeypatch)
     at = run_page("accounts.py", _admin(ids, slugs))
     at.text_input(key="invite_email").input("third@bigcorp.example")
     _button(at, "Send invitation").click().run()
-    assert any("could not be sent" in w.value for w in at.warning)
+    assert any("could not be sent" in unescape_md(w.value) for w in at.warning)
     assert "/auth/invite/" in at.code[0].value
     at.run()
     assert not at.code  # shown only once
@@ -112,7 +112,7 @@ def test_accounts_page_shows_the_link_once_when_email_fails(app_db, monkeypatch)
 def test_accounts_page_refuses_leadership(app_db):
     _demo(app_db)
     at = run_page("accounts.py", LEAD)
-    assert at.error and "staff and tenant admins" in at.error[-1].value
+    assert at.error and "staff and tenant admins" in unescape_md(at.error[-1].value)
 
 
 # --- Alerts ----------------------------------------------------------------------------------------
@@ -127,9 +127,9 @@ def test_alerts_page_tenant_admin_adds_recipients_and_test_sends(app_db, smtp_si
     assert "Credentials destroyed in bulk" in text and "IdP certificate expiring" in text
     at.text_area(key="email_recipients").input("it@bigcorp.example, ops@bigcorp.example")
     _button(at, "Add email channel").click().run()
-    assert any("Added Admins" in s.value for s in at.success)
+    assert any("Added Admins" in unescape_md(s.value) for s in at.success)
     _button(at, "Send a test").click().run()
-    assert any("Test delivered to Admins" in s.value for s in at.success)
+    assert any("Test delivered to Admins" in unescape_md(s.value) for s in at.success)
     rcpts, msg = smtp_sink.messages[-1]
     assert sorted(rcpts) == ["it@bigcorp.example", "ops@bigcorp.example"] and "TEST" in msg["Subject"]
     at.run()
@@ -146,11 +146,11 @@ def test_alerts_page_shows_a_failing_channel(app_db, monkeypatch):
     at.text_area(key="email_recipients").input("it@bigcorp.example")
     _button(at, "Add email channel").click().run()
     _button(at, "Send a test").click().run()
-    assert any("retried with backoff" in w.value for w in at.warning)
+    assert any("retried with backoff" in unescape_md(w.value) for w in at.warning)
     at.run()
     text = page_text(at)
     assert "retrying" in text and "failing" in text
-    assert any("1 delivery(ies) failing" in e.value for e in at.error)
+    assert any("1 delivery(ies) failing" in unescape_md(e.value) for e in at.error)
 
 
 def test_alerts_page_staff_sees_every_tenant_and_the_digest(app_db):
@@ -167,7 +167,7 @@ def test_alerts_page_staff_sees_every_tenant_and_the_digest(app_db):
     assert "Sync failing in tinyco" in text
     at.text_area(key="staff_recipients").input("cs@crmbridge.example")
     _button(at, "Add digest recipients").click().run()
-    assert any("Added Customer success" in s.value for s in at.success)
+    assert any("Added Customer success" in unescape_md(s.value) for s in at.success)
 
 
 def test_alerts_page_admin_sees_only_their_tenant(app_db):
@@ -185,4 +185,4 @@ def test_alerts_page_admin_sees_only_their_tenant(app_db):
 def test_alerts_page_refuses_leadership(app_db):
     _demo(app_db)
     at = run_page("alerts.py", LEAD)
-    assert at.error and "staff and tenant admins" in at.error[0].value
+    assert at.error and "staff and tenant admins" in unescape_md(at.error[0].value)

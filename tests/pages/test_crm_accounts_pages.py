@@ -19,7 +19,7 @@ from core.settings import get_settings
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent, CrmAccount
 from core.vault import service as vault
-from tests.conftest import make_tenant
+from tests.conftest import make_tenant, unescape_md
 
 STAFF = Principal(role="staff", email="cs@crmbridge.example", account_id=1)
 
@@ -59,12 +59,14 @@ def _run(script, principal: Principal, **state) -> AppTest:  # type: ignore[no-u
 def _all_text(at: AppTest) -> str:
     parts = [m.value for m in at.markdown] + [m.value for m in at.caption] + [e.value for e in at.error]
     parts += [s.value for s in at.success] + [w.value for w in at.warning] + [i.value for i in at.info]
+    parts = [unescape_md(x) for x in parts]
     return "\n".join(str(p) for p in parts)
 
 
 @pytest.fixture
 def sandbox_settings(monkeypatch: pytest.MonkeyPatch, sandbox):  # type: ignore[no-untyped-def]
     monkeypatch.setenv("CRMBRIDGE_SANDBOX_CA_FILE", str(sandbox.ca_file))
+    monkeypatch.setenv("CRMBRIDGE_SANDBOX_URL", sandbox.base_url)  # the one loopback origin CRM calls may use
     get_settings.cache_clear()
     yield sandbox
     get_settings.cache_clear()
@@ -94,7 +96,7 @@ def test_no_catalog_secret_field_ever_gets_a_streamlit_widget(app_db):
                 assert (f.title in shown) is (not f.secret), (slug, mode.mode, f.name)
             assert all(t.proto.type != t.proto.PASSWORD for t in at.text_input), (slug, mode.mode)
             if mode.secret_fields:  # the form says where they go instead
-                assert any("secure form" in c.value for c in at.caption), (slug, mode.mode)
+                assert any("secure form" in unescape_md(c.value) for c in at.caption), (slug, mode.mode)
             checked += 1
     assert checked >= 7  # every auth mode of every CRM in the catalog
 
@@ -109,14 +111,15 @@ def test_adding_an_account_then_links_to_the_secure_credentials_form(app_db, vau
     labels = [t.label for t in at.text_input]
     assert labels[:2] == ["Label", "My Domain URL"] and "Consumer key" in labels
     assert "Consumer secret" not in labels
-    values = {"Label": "EMEA sales", "My Domain URL": f"{sandbox_server.base_url}/salesforce/bigcorp-emea",
+    values = {"Label": "EMEA sales", "My Domain URL": "https://bigcorp-emea.my.salesforce.com",
               "Consumer key": "bigcorp-emea-integration"}
     for box in at.text_input:
         if box.label in values:
             box.input(values[box.label])
     at.button[0].click().run()
     assert not at.exception
-    assert any("Added EMEA sales" in s.value and "consumer secret" in s.value for s in at.success), _all_text(at)
+    assert any("Added EMEA sales" in unescape_md(s.value) and "consumer secret" in unescape_md(s.value)
+               for s in at.success), _all_text(at)
     with Session(app_db) as s:
         acc = s.exec(select(CrmAccount).where(CrmAccount.label == "EMEA sales")).one()
         assert json.loads(acc.settings_json)["client_id"] == "bigcorp-emea-integration"
@@ -127,7 +130,8 @@ def test_adding_an_account_then_links_to_the_secure_credentials_form(app_db, vau
     assert _link_buttons(at) == [("Enter credentials (secure form)", _form_url(account_id))]
     # on the next visit the account is still flagged until its credentials are entered
     at.run()
-    assert any("EMEA sales" in w.value and "no credentials yet" in w.value for w in at.warning), _all_text(at)
+    assert any("EMEA sales" in unescape_md(w.value) and "no credentials yet" in unescape_md(w.value)
+               for w in at.warning), _all_text(at)
     assert ("Enter credentials (secure form)", _form_url(account_id)) in _link_buttons(at)
 
 
@@ -140,7 +144,8 @@ def test_a_per_user_password_account_has_nothing_to_enter_in_the_console(app_db,
     next(t for t in at.text_input if t.label == "Label").input("Tiny")
     next(t for t in at.text_input if t.label == "My Domain URL").input("https://tinyco.my.salesforce.com")
     at.button[0].click().run()
-    assert any("Added Tiny" in s.value and "connect link" in s.value for s in at.success), _all_text(at)
+    assert any("Added Tiny" in unescape_md(s.value) and "connect link" in unescape_md(s.value)
+               for s in at.success), _all_text(at)
     assert _link_buttons(at) == []
 
 
@@ -150,11 +155,11 @@ def test_a_bad_field_is_shown_with_its_fix(app_db, vault_keys):
     at = _run(_script_add, STAFF, tenant_under_test=tenant.id)
     at.selectbox[0].set_value("salesforce").run()
     at.selectbox[2].set_value("password").run()
-    assert any("Retiring" in w.value and "Summer '27" in w.value for w in at.warning)
+    assert any("Retiring" in unescape_md(w.value) and "Summer '27" in unescape_md(w.value) for w in at.warning)
     next(t for t in at.text_input if t.label == "Label").input("Legacy")
     next(t for t in at.text_input if t.label == "My Domain URL").input("acme.my.salesforce.com")
     at.button[0].click().run()
-    assert at.error and "My Domain URL does not look right" in at.error[0].value
+    assert at.error and "My Domain URL does not look right" in unescape_md(at.error[0].value)
 
 
 def _api_account(engine, sandbox, org: str = "bigcorp-emea", secret: str = "demo-bigcorp-emea-secret") -> int:
@@ -185,7 +190,7 @@ def test_a_failed_connection_test_names_the_fix(app_db, vault_keys, sandbox_sett
     at = _run(_script_test, STAFF, account_under_test=account_id)
     at.button[0].click().run()
     assert at.error, _all_text(at)
-    assert "Fix:" in at.error[0].value and "consumer key and secret" in at.error[0].value
+    assert "Fix:" in unescape_md(at.error[0].value) and "consumer key and secret" in unescape_md(at.error[0].value)
 
 
 def test_a_test_without_credentials_asks_for_them_first(app_db, vault_keys, sandbox_settings):
@@ -199,10 +204,10 @@ def test_a_test_without_credentials_asks_for_them_first(app_db, vault_keys, sand
         s.commit()
         account_id = int(acc.id)  # type: ignore[arg-type]
     at = _run(_script_test, STAFF, account_under_test=account_id)
-    assert any("Credentials missing" in w.value for w in at.warning), _all_text(at)
+    assert any("Credentials missing" in unescape_md(w.value) for w in at.warning), _all_text(at)
     at.button[0].click().run()
     assert not at.exception
-    assert any("enter the credentials first" in w.value for w in at.warning), _all_text(at)
+    assert any("enter the credentials first" in unescape_md(w.value) for w in at.warning), _all_text(at)
     assert _link_buttons(at) == [("Enter credentials (secure form)", _form_url(account_id))]
     with Session(app_db) as s:
         assert s.get(CrmAccount, account_id).last_test_at is None  # no test ran against the CRM
@@ -219,7 +224,7 @@ def test_quota_gauge_and_forecast(app_db):
     with Session(app_db) as s:
         tenant = make_tenant(s, "acme")
         acc = CrmAccount(tenant_id=tenant.id, provider="salesforce", edition="enterprise", label="Q",
-                         instance_url="https://a.example")
+                         instance_url="https://a.my.salesforce.com")
         s.add(acc)
         s.commit()
         now = utcnow()
@@ -235,7 +240,7 @@ def test_quota_gauge_and_forecast(app_db):
     assert len(charts) == 1
     figure = json.loads(charts[0].proto.spec)
     assert figure["data"][0]["type"] == "indicator" and figure["data"][0]["value"] == 85_000
-    assert any("runs out in" in w.value for w in at.warning), _all_text(at)
+    assert any("runs out in" in unescape_md(w.value) for w in at.warning), _all_text(at)
 
 
 def test_another_tenants_admin_sees_an_error_not_the_account(app_db):
@@ -243,10 +248,10 @@ def test_another_tenants_admin_sees_an_error_not_the_account(app_db):
         tenant = make_tenant(s, "acme")
         other = make_tenant(s, "globex")
         acc = CrmAccount(tenant_id=tenant.id, provider="salesforce", edition="enterprise", label="Q",
-                         instance_url="https://a.example")
+                         instance_url="https://a.my.salesforce.com")
         s.add(acc)
         s.commit()
         account_id, other_id = acc.id, other.id
     stranger = Principal(role="tenant_admin", email="admin@globex.example", tenant_id=other_id)
     at = _run(_script_quota, stranger, account_under_test=account_id)
-    assert at.error and "do not have access" in at.error[0].value
+    assert at.error and "do not have access" in unescape_md(at.error[0].value)

@@ -6,7 +6,7 @@ from sqlmodel import Session
 
 from core.demo import load_scenario, read_scenario
 from core.tenants.access import Principal
-from tests.conftest import page_text, run_page
+from tests.conftest import page_text, run_page, unescape_md
 
 
 def _demo(engine) -> dict[str, int]:  # type: ignore[no-untyped-def]
@@ -32,13 +32,13 @@ def test_tenants_page_staff_sees_all_and_can_create(app_db):
     at.text_input[1].input("Initech")
     at.text_input[2].input("initech")
     at.button[0].click().run()
-    assert any("Created Initech" in s.value for s in at.success)
+    assert any("Created Initech" in unescape_md(s.value) for s in at.success)
 
 
 def test_tenants_page_refuses_leadership(app_db):
     _demo(app_db)
     at = run_page("tenants.py", LEAD)
-    assert at.error and "staff and tenant admins" in at.error[0].value
+    assert at.error and "staff and tenant admins" in unescape_md(at.error[0].value)
 
 
 def test_tenant_page_admin_sees_only_own_tenant(app_db):
@@ -89,7 +89,7 @@ def test_overview_per_role(app_db):
 
 def test_page_without_principal_asks_to_sign_in(app_db):
     at = run_page("tenants.py", None)
-    assert at.error and "not signed in" in at.error[0].value
+    assert at.error and "not signed in" in unescape_md(at.error[0].value)
 
 
 def test_onboarding_wizard_resumes_at_the_current_step(app_db):
@@ -110,9 +110,9 @@ def test_onboarding_defer_keeps_reason_visible(app_db):
     at.radio[0].set_value("sso").run()
     at.text_input(key="reason_sso").input("IdP admin away until Monday").run()
     at.button(key="defer_sso").click().run()
-    assert any("IdP admin away until Monday" in w.value for w in at.warning)
+    assert any("IdP admin away until Monday" in unescape_md(w.value) for w in at.warning)
     at2 = run_page("onboarding.py", STAFF)
-    assert any("IdP admin away until Monday" in w.value for w in at2.warning)
+    assert any("IdP admin away until Monday" in unescape_md(w.value) for w in at2.warning)
     assert slugs
 
 
@@ -164,5 +164,5 @@ def test_onboarding_users_step_invites_the_tenant_admin(app_db, monkeypatch):
     email_box.input("admin@newco.example")
     next(b for b in at.button if b.label == "Invite the tenant's admin").click().run()
     assert not at.exception
-    shown = "\n".join(w.value for w in at.warning) + "\n".join(c.value for c in at.code)
+    shown = "\n".join(unescape_md(w.value) for w in at.warning) + "\n".join(c.value for c in at.code)
     assert "admin@newco.example" in shown and "/auth/invite/" in shown

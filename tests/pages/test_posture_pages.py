@@ -9,7 +9,7 @@ from core.demo import read_scenario
 from core.posture.demo import load_demo
 from core.tenants.access import Principal
 from core.tenants.models import AppUser, ConsoleAccount
-from tests.conftest import page_text, run_page
+from tests.conftest import page_text, run_page, unescape_md
 from tests.core.posture.seed import demo_world
 
 STAFF = Principal(role="staff", email="cs@crmbridge.example", account_id=1)
@@ -137,5 +137,5 @@ def test_adoption_staff_sees_it_too(app_db):
 def test_adoption_refuses_tenant_admins(app_db):
     slugs = _world(app_db)
     at = run_page("adoption.py", _admin(slugs, "tinyco"))
-    assert at.error and "staff and leadership" in at.error[0].value
+    assert at.error and "staff and leadership" in unescape_md(at.error[0].value)
     assert "Upgrade pipeline" not in page_text(at)

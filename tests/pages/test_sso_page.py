@@ -16,7 +16,7 @@ from core.sso.sp import sp_endpoints
 from core.tenants.access import Principal
 from core.tenants.models import Tenant
 from sandbox.idp import SamlIdp
-from tests.conftest import page_text, run_page
+from tests.conftest import page_text, run_page, unescape_md
 
 STAFF = Principal(role="staff", email="cs@crmbridge.example", account_id=1)
 LEAD = Principal(role="leadership", email="vp@crmbridge.example", account_id=2)
@@ -56,7 +56,7 @@ def _button(at: Any, label: str) -> Any:
 
 def test_leadership_is_refused(tenants: dict[str, int]) -> None:
     at = run_page("sso.py", LEAD)
-    assert at.error and "staff and tenant admins" in at.error[0].value
+    assert at.error and "staff and tenant admins" in unescape_md(at.error[0].value)
 
 
 def test_staff_imports_metadata_and_sees_the_sp_details(app_db: Engine, tenants: dict[str, int],
@@ -110,7 +110,7 @@ def test_url_import_refuses_private_addresses(tenants: dict[str, int]) -> None:
     at = run_page("sso.py", STAFF, tenant_id=tenants["bigcorp"])
     at.text_input(key="sso_url").input("https://169.254.169.254/latest/meta-data").run()
     _button(at, "Fetch").click().run()
-    assert at.error and "only fetches metadata from public addresses" in at.error[0].value
+    assert at.error and "only fetches metadata from public addresses" in unescape_md(at.error[0].value)
 
 
 def test_tenant_admin_sees_own_tenant_only_and_checks_a_pasted_response(
@@ -132,7 +132,7 @@ def test_tenant_admin_sees_own_tenant_only_and_checks_a_pasted_response(
     _button(at, "Check against this tenant's configuration").click().run()
     assert not at.exception
     assert at.text_area(key="sso_paste").value == ""  # the captured response does not linger in the session
-    assert any("valid for this configuration" in x.value for x in at.success)
+    assert any("valid for this configuration" in unescape_md(x.value) for x in at.success)
     text = page_text(at) + "\n".join(e.label for e in at.expander)
     assert "Pasted response" in text and "admin@bigcorp.example" in text and "python3-saml strict validation" in text
     with Session(app_db) as s:

@@ -13,7 +13,7 @@ from core.tenants.access import Principal
 from core.vault import service
 from core.vault.models import VaultConnectLink, VaultCredential
 from core.vault.policy import get_policy, set_policy
-from tests.conftest import admin_of, make_tenant, page_text, run_page
+from tests.conftest import admin_of, make_tenant, page_text, run_page, unescape_md
 from tests.fixtures.vault import TEST_KEK_ID, make_vault_world
 
 pytestmark = pytest.mark.usefixtures("vault_keys")
@@ -63,7 +63,7 @@ def test_staff_sees_keys_states_expiring_and_last_sweep(world, app_db):
     assert "No sweep has run yet" in text
     assert "canary-page" not in text
     [b for b in at.button if b.label == "Sweep now"][0].click().run()
-    assert any("Destroyed 0 expired and 0 idle" in s.value for s in at.success)
+    assert any("Destroyed 0 expired and 0 idle" in unescape_md(s.value) for s in at.success)
 
 
 def test_rotate_from_the_page_shows_progress_and_the_new_key(world, app_db, vault_keys):
@@ -75,13 +75,14 @@ def test_rotate_from_the_page_shows_progress_and_the_new_key(world, app_db, vaul
     assert not at.exception
     new = vault_keys.ring.active
     assert new != TEST_KEK_ID
-    assert any(f"Active key is now {new}" in s.value and f"retired {TEST_KEK_ID}" in s.value for s in at.success)
+    assert any(f"Active key is now {new}" in unescape_md(s.value) and f"retired {TEST_KEK_ID}" in unescape_md(s.value)
+               for s in at.success)
 
 
 def test_vault_page_is_for_staff_only(world, app_db):
     for who in (admin_of(world.tenant), Principal(role="leadership", email="vp@crmbridge.example")):
         at = run_page("vault.py", who)
-        assert at.error and "for CRM Bridge staff" in at.error[0].value
+        assert at.error and "for CRM Bridge staff" in unescape_md(at.error[0].value)
         assert TEST_KEK_ID not in page_text(at)
 
 
@@ -113,7 +114,7 @@ def test_create_connect_link_from_the_component(world, app_db):
     assert not at.exception
     (code,) = at.code
     assert code.value.startswith("http://127.0.0.1:8501/connect/")
-    assert any("user2@tinyco.example" in s.value for s in at.success)
+    assert any("user2@tinyco.example" in unescape_md(s.value) for s in at.success)
     with Session(app_db) as s:
         link = s.exec(select(VaultConnectLink)).one()
     assert link.app_user_id == world.users[1].id and code.value.rsplit("/", 1)[1] not in link.token_hash
@@ -124,7 +125,7 @@ def test_component_refuses_another_tenants_admin(world, app_db):
     with Session(app_db, expire_on_commit=False) as s:
         other = make_tenant(s, "globex")
     at = credentials_app(admin_of(other), world.tenant.id)
-    assert at.error and "do not have access" in at.error[0].value
+    assert at.error and "do not have access" in unescape_md(at.error[0].value)
     assert "user1@tinyco.example" not in page_text(at)
 
 
@@ -133,6 +134,6 @@ def test_policy_from_the_component(world, app_db):
     assert any("idle 60 d" in e.label for e in at.expander)
     [n for n in at.number_input if n.label.startswith("Destroy a user's credential unused")][0].set_value(7)
     [b for b in at.button if b.label == "Save policy"][0].click().run()
-    assert not at.exception and any("Policy saved" in s.value for s in at.success)
+    assert not at.exception and any("Policy saved" in unescape_md(s.value) for s in at.success)
     with Session(app_db) as s:
         assert get_policy(s, world.tenant.id).idle_days == 7

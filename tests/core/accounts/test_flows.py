@@ -170,11 +170,11 @@ def test_admin_reset_is_emailed_never_returned_and_refused_across_tenants(app_db
     a = _make_tenant(app_db, "acme")
     b = _make_tenant(app_db, "globex")
     target = _make_account(app_db, "ana@acme.example", "tenant_admin", a)
-    from core.errors import AccessDenied
+    from core.errors import NotFound
 
     with Session(app_db) as s:
         other_admin = Principal(role="tenant_admin", email="x@globex.example", tenant_id=b)
-        with pytest.raises(AccessDenied):
+        with pytest.raises(NotFound, match="No such console account in your scope"):  # as if it did not exist
             service.send_password_reset(session=s, principal=other_admin, account_id=target, smtp=smtp_sink.config)
         sent_to = service.send_password_reset(session=s, principal=STAFF, account_id=target, smtp=smtp_sink.config)
         s.commit()

@@ -89,7 +89,7 @@ def _audit(engine: Engine) -> list[AuditEvent]:
 
 
 def test_not_signed_in_is_sent_to_sign_in_and_nothing_is_stored(client, app_db, vault_keys):
-    account_id, _ = _account(app_db, "https://crm.example")
+    account_id, _ = _account(app_db, "https://crm-example.my.salesforce.com")
     answer = client.get(_url(account_id))
     assert answer.status_code == 303
     assert answer.headers["location"] == get_settings().public(f"/auth/login?next={_url(account_id)}")
@@ -100,7 +100,7 @@ def test_not_signed_in_is_sent_to_sign_in_and_nothing_is_stored(client, app_db, 
 
 
 def test_another_tenants_admin_gets_403_even_with_their_own_csrf_token(client, app_db, vault_keys):
-    account_id, _ = _account(app_db, "https://crm.example")
+    account_id, _ = _account(app_db, "https://crm-example.my.salesforce.com")
     with Session(app_db) as s:
         globex = make_tenant(s, "globex")
     token = _signed_in(app_db, email="admin@globex.example", role="tenant_admin", tenant_id=globex.id)
@@ -117,7 +117,7 @@ def test_another_tenants_admin_gets_403_even_with_their_own_csrf_token(client, a
 
 
 def test_missing_or_forged_csrf_is_refused_and_nothing_is_stored(client, app_db, vault_keys, caplog):
-    account_id, tenant_id = _account(app_db, "https://crm.example")
+    account_id, tenant_id = _account(app_db, "https://crm-example.my.salesforce.com")
     token = _signed_in(app_db, email="admin@acme.example", role="tenant_admin", tenant_id=tenant_id)
     other_token = _signed_in(app_db, email="admin2@acme.example", role="tenant_admin", tenant_id=tenant_id)
     caplog.set_level(logging.DEBUG)
@@ -141,7 +141,7 @@ def test_missing_or_forged_csrf_is_refused_and_nothing_is_stored(client, app_db,
 
 
 def test_the_form_is_generated_from_the_catalogs_secret_fields(client, app_db, vault_keys):
-    account_id, tenant_id = _account(app_db, "https://crm.example")
+    account_id, tenant_id = _account(app_db, "https://crm-example.my.salesforce.com")
     client.cookies.set(SESSION_COOKIE, _signed_in(app_db, email="cs@crmbridge.example", role="staff",
                                                   tenant_id=None))
     page = client.get(_url(account_id))
@@ -157,7 +157,7 @@ def test_the_form_is_generated_from_the_catalogs_secret_fields(client, app_db, v
 
 
 def test_a_bad_field_rerenders_the_form_and_stores_nothing(client, app_db, vault_keys):
-    account_id, tenant_id = _account(app_db, "https://crm.example")
+    account_id, tenant_id = _account(app_db, "https://crm-example.my.salesforce.com")
     client.cookies.set(SESSION_COOKIE, _signed_in(app_db, email="admin@acme.example", role="tenant_admin",
                                                   tenant_id=tenant_id))
     csrf = _csrf(client.get(_url(account_id)).text)

@@ -339,7 +339,8 @@ def test_transport_is_the_callers(sandbox: Any) -> None:
     from core.providers.config import HttpTransport
 
     p = Dynamics365Provider(account=account(sandbox), credential={"client_secret": SECRETS[APP]},
-                            transport=HttpTransport(httpx_client=httpx.Client(timeout=10)))
+                            transport=HttpTransport(httpx_client=httpx.Client(timeout=10),
+                                                    url_policy=sandbox.url_policy()))
     with pytest.raises(ProviderUnavailable) as exc:
         p.whoami()
     assert "TLS" in str(exc.value) or "certificate" in str(exc.value).lower()

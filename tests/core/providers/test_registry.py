@@ -19,7 +19,7 @@ def test_salesforce_is_imported_on_first_use_and_builds_from_an_account() -> Non
     assert cls.slug == "salesforce" and registry.registry["salesforce"] is cls
     with pytest.raises(TypeError):
         registry.registry["x"] = cls  # type: ignore[index]  # read-only view
-    account = AccountConfig(provider="salesforce", edition="enterprise", instance_url="https://a.example",
+    account = AccountConfig(provider="salesforce", edition="enterprise", instance_url="https://a.my.salesforce.com",
                             auth_mode="oauth_client_credentials", settings={"client_id": "c"})
     p = registry.create_provider(account=account, credential={"client_secret": "zz-secret-zz"},
                                  transport=HttpTransport())

@@ -236,7 +236,8 @@ def test_professional_without_the_api_add_on(sandbox) -> None:
 
 
 def test_transport_failures_map_to_unavailable_and_malformed(sandbox) -> None:
-    untrusted = ana(sandbox, transport=HttpTransport(verify=True))  # system CAs do not know the sandbox
+    # system CAs do not know the sandbox
+    untrusted = ana(sandbox, transport=HttpTransport(verify=True, url_policy=sandbox.url_policy()))
     report = untrusted.test_connection()
     assert report.steps[0].name == "reach" and not report.steps[0].ok and "TLS" in report.steps[0].detail
     import socket
@@ -247,11 +248,15 @@ def test_transport_failures_map_to_unavailable_and_malformed(sandbox) -> None:
     account = AccountConfig(provider="salesforce", edition="enterprise", instance_url=f"https://127.0.0.1:{closed}",
                             credential_mode="api_user", auth_mode="oauth_client_credentials",
                             settings={"client_id": "x"})
-    refused = SalesforceProvider(account=account, credential={"client_secret": "y"}, transport=sandbox.transport())
+    from core.providers.transport import CrmUrlPolicy
+
+    closed_port = CrmUrlPolicy.vendors(sandbox_url=account.instance_url)  # allowed, but nothing listens there
+    refused = SalesforceProvider(account=account, credential={"client_secret": "y"},
+                                 transport=sandbox.transport(url_policy=closed_port))
     with pytest.raises(ProviderUnavailable, match="connection refused"):
         refused.list_users()
     tiny = ana(sandbox, transport=sandbox.transport(max_response_bytes=2000))
-    with pytest.raises(MalformedResponse, match="larger than"):
+    with pytest.raises(MalformedResponse, match="more than 2,000 bytes"):
         list(tiny.pull_opportunities(None))
 
 

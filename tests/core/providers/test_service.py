@@ -28,7 +28,8 @@ def _add_api_user(session, principal, tenant, sandbox, *, secret="demo-bigcorp-e
         session=session, principal=principal, tenant_id=tenant.id, provider="salesforce", edition="enterprise",
         label=label, auth_mode="oauth_client_credentials", values={
             "instance_url": f"{sandbox.base_url}/salesforce/bigcorp-emea", "client_id": "bigcorp-emea-integration",
-            "client_secret": secret, "external_id_field": "", "attribution_field": "CrmBridge_Actor__c"})
+            "client_secret": secret, "external_id_field": "", "attribution_field": "CrmBridge_Actor__c"},
+        url_policy=sandbox.url_policy())
 
 
 def test_adding_an_account_sends_secrets_to_the_vault_only(session, staff, tenant, vault_keys, sandbox_server):
@@ -76,7 +77,8 @@ def test_connection_test_is_stored_on_the_account_with_a_usage_sample(session, s
 def test_a_rejected_per_user_password_destroys_the_credential(session, staff, tenant, vault_keys, sandbox):
     acc = service.add_crm_account(session=session, principal=staff, tenant_id=tenant.id, provider="salesforce",
                                   edition="enterprise", label="Tiny", auth_mode="password",
-                                  values={"instance_url": f"{sandbox.base_url}/salesforce/tinyco"})
+                                  values={"instance_url": f"{sandbox.base_url}/salesforce/tinyco"},
+        url_policy=sandbox.url_policy())
     user = make_app_user(session, tenant, "tom@acme.example")
     vault.put(session, principal=staff, tenant_id=tenant.id, purpose="crm-login", crm_account_id=acc.id,
               app_user_id=user.id, secret=json.dumps({"username": "tom@tinyco.example", "password": "stale",
@@ -123,7 +125,8 @@ def _per_user_oauth_account(session, staff, tenant, sandbox, org="newco"):
         session=session, principal=staff, tenant_id=tenant.id, provider="salesforce", edition="enterprise",
         label=f"OAuth {org}", auth_mode="oauth_authorization_code",
         values={"instance_url": f"{sandbox.base_url}/salesforce/{org}", "client_id": f"{org}-connected-app",
-                "client_secret": f"demo-{org}-app-secret"})
+                "client_secret": f"demo-{org}-app-secret"},
+        url_policy=sandbox.url_policy())
     session.commit()
     return acc
 
@@ -140,7 +143,8 @@ def _approve(sandbox, url, username, password):
 def test_oauth_callback_tests_the_grant_and_stores_the_refresh_token(session, staff, tenant, vault_keys, sandbox):
     acc = _per_user_oauth_account(session, staff, tenant, sandbox)
     user = make_app_user(session, tenant, "nora@acme.example")
-    url = oauth.begin_authorization(account=acc, binding=f"app_user:{user.id}", login_hint="nora@newco.example")
+    url = oauth.begin_authorization(
+        account=acc, url_policy=sandbox.url_policy(), binding=f"app_user:{user.id}", login_hint="nora@newco.example")
     assert url.startswith(f"{sandbox.base_url}/salesforce/newco/services/oauth2/authorize?")
     assert "code_challenge_method=S256" in url and "redirect_uri=http%3A%2F%2F127.0.0.1%3A8501%2Foauth" in url
     params = _approve(sandbox, url, "nora@newco.example", "Demo-Nora-2026")
@@ -162,7 +166,8 @@ def test_oauth_callback_tests_the_grant_and_stores_the_refresh_token(session, st
 def test_oauth_state_is_signed_expires_and_binds_the_verifier(session, staff, tenant, vault_keys, sandbox, clock):
     acc = _per_user_oauth_account(session, staff, tenant, sandbox, org="tinyco")
     user = make_app_user(session, tenant, "ben@acme.example")
-    url = oauth.begin_authorization(account=acc, binding=f"app_user:{user.id}", now=clock())
+    url = oauth.begin_authorization(
+        account=acc, url_policy=sandbox.url_policy(), binding=f"app_user:{user.id}", now=clock())
     state = parse_qs(urlsplit(url).query)["state"][0]
     with pytest.raises(LinkInvalid, match="not valid"):
         oauth.read_state(state[:-2] + "xx", now=clock())
@@ -170,9 +175,11 @@ def test_oauth_state_is_signed_expires_and_binds_the_verifier(session, staff, te
         oauth.read_state(state, now=clock() + timedelta(minutes=16))
     assert oauth.read_state(state, now=clock())["b"] == f"app_user:{user.id}"
     # a code obtained for another state (another PKCE challenge) fails the verifier check at the CRM
-    other = oauth.begin_authorization(account=acc, binding=f"app_user:{user.id}")
+    other = oauth.begin_authorization(
+        account=acc, url_policy=sandbox.url_policy(), binding=f"app_user:{user.id}")
     code = _approve(sandbox, other, "ben@tinyco.example", "Demo-Ben-2026")["code"]
-    fresh = oauth.begin_authorization(account=acc, binding=f"app_user:{user.id}")
+    fresh = oauth.begin_authorization(
+        account=acc, url_policy=sandbox.url_policy(), binding=f"app_user:{user.id}")
     fresh_state = parse_qs(urlsplit(fresh).query)["state"][0]
     from core.errors import AuthenticationFailed
 
@@ -212,7 +219,8 @@ def test_the_demo_accounts_connect_to_the_sandbox(session, staff, vault_keys, sa
 def test_a_new_user_credential_is_checked_before_it_is_stored(session, staff, tenant, vault_keys, sandbox):
     acc = service.add_crm_account(session=session, principal=staff, tenant_id=tenant.id, provider="salesforce",
                                   edition="enterprise", label="Tiny", auth_mode="password",
-                                  values={"instance_url": f"{sandbox.base_url}/salesforce/tinyco"})
+                                  values={"instance_url": f"{sandbox.base_url}/salesforce/tinyco"},
+        url_policy=sandbox.url_policy())
     session.commit()
     good = service.check_credential(session=session, principal=staff, account_id=acc.id, transport=sandbox.transport(),
                                     fields={"username": "uma@tinyco.example", "password": "Demo-Uma-2026",

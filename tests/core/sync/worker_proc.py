@@ -51,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from core.providers.config import HttpTransport
         from core.providers.salesforce import SalesforceProvider
+        from core.providers.transport import CrmUrlPolicy
+
+        def sandbox_policy(url: str) -> CrmUrlPolicy:  # the test sandbox, named explicitly
+            return CrmUrlPolicy.vendors(sandbox_url=url)
 
         def factory(ctx, cred):  # type: ignore[no-untyped-def]
             return SalesforceProvider(account=ctx.account, credential=cred,
-                                      transport=HttpTransport(verify=a.ca, timeout=120), clock=clock)
+                                      transport=HttpTransport(verify=a.ca, timeout=120, url_policy=sandbox_policy(
+                                          ctx.account.instance_url)), clock=clock)
 
         sync = SyncEngine(engine, clock=clock, credentials=VaultCredentials(engine, clock=clock),
                           provider_factory=factory)

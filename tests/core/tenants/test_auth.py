@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from sqlmodel import select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from core.errors import Conflict, InvalidInput, SessionInvalid, SignInFailed
 from core.tenants import auth
 from core.tenants.access import Principal
-from core.tenants.models import ConsoleSession
+from core.tenants.models import AuditEvent, ConsoleSession
 
 PW = "correct horse battery"
 
@@ -43,15 +44,52 @@ def test_one_generic_message_for_unknown_email_and_wrong_password(session, accou
     assert str(a.value) == str(b.value)
 
 
-def test_lockout_after_five_failures_for_fifteen_minutes(session, account, clock):
+def _fail(session, clock, address: str, times: int = 5) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(times):
+        with pytest.raises(SignInFailed):
+            auth.authenticate(session, email="admin@acme.example", password="nope-nope-nope", address=address,
+                              now=clock())
+
+
+def test_lockout_after_five_failures_pauses_that_address_for_fifteen_minutes(session, account, clock):
+    _fail(session, clock, "9.9.9.9")
+    with pytest.raises(SignInFailed):  # right password, but locked from this address
+        auth.authenticate(session, email="admin@acme.example", password=PW, address="9.9.9.9", now=clock())
+    clock.advance(minutes=16)
+    assert auth.authenticate(session, email="admin@acme.example", password=PW, address="9.9.9.9", now=clock())
+
+
+def test_a_stranger_cannot_lock_the_holder_out_from_elsewhere(session, account, clock):
+    """Issue 14 (low): 5 wrong passwords from an attacker's address used to lock the account everywhere."""
+    _fail(session, clock, "6.6.6.6", times=12)
+    assert auth.authenticate(session, email="admin@acme.example", password=PW, address="10.0.0.7", now=clock())
+    with pytest.raises(SignInFailed):  # the attacker's address stays paused, right password or not
+        auth.authenticate(session, email="admin@acme.example", password=PW, address="6.6.6.6", now=clock())
+
+
+def test_each_further_lock_from_one_address_lasts_twice_as_long(session, account, clock):
+    assert [auth.lock_duration(n) for n in (1, 2, 3)] == [timedelta(minutes=15), timedelta(minutes=30),
+                                                          timedelta(hours=1)]
+    assert auth.lock_duration(40) == timedelta(days=1)
+    _fail(session, clock, "9.9.9.9")
+    clock.advance(minutes=16)
+    _fail(session, clock, "9.9.9.9")  # the second lock: 30 minutes
+    clock.advance(minutes=20)
+    with pytest.raises(SignInFailed):
+        auth.authenticate(session, email="admin@acme.example", password=PW, address="9.9.9.9", now=clock())
+    clock.advance(minutes=11)
+    assert auth.authenticate(session, email="admin@acme.example", password=PW, address="9.9.9.9", now=clock())
+
+
+def test_a_lock_is_audited_with_the_address_and_the_holder_is_told(session, account, clock):
+    told: list[tuple[str, str]] = []
     for _ in range(5):
         with pytest.raises(SignInFailed):
-            auth.authenticate(session, email="admin@acme.example", password="nope-nope-nope", address="9.9.9.9",
-                              now=clock())
-    with pytest.raises(SignInFailed):  # right password, but locked
-        auth.authenticate(session, email="admin@acme.example", password=PW, address="9.9.9.8", now=clock())
-    clock.advance(minutes=16)
-    assert auth.authenticate(session, email="admin@acme.example", password=PW, address="9.9.9.8", now=clock())
+            auth.authenticate(session, email="admin@acme.example", password="nope-nope-nope", address="6.6.6.6",
+                              now=clock(), on_lock=lambda acc, addr, until: told.append((acc.email, addr)))
+    assert told == [("admin@acme.example", "6.6.6.6")]
+    event = session.exec(select(AuditEvent).where(AuditEvent.action == "account.locked")).one()
+    assert event.tenant_id == account.tenant_id and "6.6.6.6" in event.details  # the tenant admin sees it
 
 
 def test_address_throttle_stops_wholesale_lockouts(session, account, clock):
