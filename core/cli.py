@@ -25,6 +25,7 @@ PACKAGE_CLIS = (
     "core.sync.cli",
     "core.posture.cli",
     "core.alerts.cli",
+    "core.scheduler.cli",
 )
 
 

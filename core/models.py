@@ -6,6 +6,7 @@ import core.accounts.models
 import core.alerts.models
 import core.posture.models
 import core.providers.models
+import core.scheduler.models
 import core.sso.models
 import core.sync.models
 import core.tenants.models

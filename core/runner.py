@@ -1,5 +1,12 @@
-"""`make run`: start the CRM sandbox (its own process, https://127.0.0.1:8502) and the console
-(http://127.0.0.1:8501) together; stop both on Ctrl-C. Demo mode only: the sandbox plays the demo CRMs."""
+"""`make run`: the whole product on one machine — the CRM sandbox (demo mode, https://127.0.0.1:8502),
+the console (http://127.0.0.1:8501), one scheduler (``crmbridge scheduler``: sync schedule, vault sweep,
+alerts, SSO watch, posture snapshot) and one sync worker (``crmbridge sync worker``). Ctrl-C or SIGTERM
+stops them all.
+
+Nothing is passed to the children that a command typed by hand in another terminal would not get: they
+read the same settings (in demo mode the sandbox CA is ``data/sandbox-tls/ca.pem``, where the sandbox
+started here writes it), so ``crmbridge sync worker`` run by hand works the same as the one started here.
+"""
 
 from __future__ import annotations
 
@@ -9,65 +16,126 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from core.settings import ROOT, get_settings
+from core.settings import ROOT, SANDBOX_TLS_DIR, get_settings
 
 log = logging.getLogger("crmbridge.run")
+
+RESTART_DELAY = 5.0  # a scheduler or worker that stopped on its own is started again after this long
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    essential: bool  # the console and the sandbox: when one stops, everything stops
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    stopped_at: float | None = field(default=None)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT)
+        self.stopped_at = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _start_sandbox(port: str) -> tuple[subprocess.Popen[str] | None, str]:
+    settings = get_settings()
+    sandbox = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "--port", port, "--tls-dir", str(SANDBOX_TLS_DIR),
+         # sign-in/consent pages over loopback http (no certificate warning); callbacks follow the console
+         "--browser-port", str(urlsplit(settings.sandbox_browser_url).port or 80),
+         "--console-url", settings.public_url],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    assert sandbox.stdout is not None
+    line = sandbox.stdout.readline().strip()
+    if not line.startswith("SANDBOX READY"):
+        sandbox.terminate()
+        return None, line
+    return sandbox, line
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = get_settings()
-    tls_dir = ROOT / "data" / "sandbox-tls"
-    env = dict(os.environ)
     sandbox = None
-    port = settings.sandbox_url.rsplit(":", 1)[-1].strip("/")
     if settings.demo:
-        sandbox = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "--port", port, "--tls-dir", str(tls_dir),
-             # sign-in/consent pages over loopback http (no certificate warning); callbacks follow the console
-             "--browser-port", str(urlsplit(settings.sandbox_browser_url).port or 80),
-             "--console-url", settings.public_url],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        )
-        assert sandbox.stdout is not None
-        line = sandbox.stdout.readline().strip()
-        if not line.startswith("SANDBOX READY"):
-            sandbox.terminate()
+        port = settings.sandbox_url.rsplit(":", 1)[-1].strip("/")
+        sandbox, line = _start_sandbox(port)
+        if sandbox is None:
             log.error("the CRM sandbox did not start (%s): is port %s free?", line or "no output", port)
             return 1
-        ca_file = line.split()[-1]
-        env["CRMBRIDGE_SANDBOX_CA_FILE"] = ca_file
-        log.info("CRM sandbox: %s (CA %s)", line.split()[2], ca_file)
+        log.info("CRM sandbox: %s (CA %s)", line.split()[2], line.split()[-1])
         # The demo loads once the sandbox answers: SSO imports its IdP metadata, providers test logins.
-        demo = subprocess.run([sys.executable, "-m", "core", "demo", "load", "--if-empty"], cwd=ROOT, env=env,
+        demo = subprocess.run([sys.executable, "-m", "core", "demo", "load", "--if-empty"], cwd=ROOT,
                               capture_output=True, text=True)
         log.info("%s", (demo.stdout or demo.stderr).strip())
     log.info("CRM Bridge console: %s", settings.public_url)
-    console = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=ROOT, env=env)
+    children = [
+        Child("console", [sys.executable, str(ROOT / "server.py")], essential=True),
+        Child("scheduler", [sys.executable, "-m", "core", "scheduler"], essential=False),
+        Child("sync worker", [sys.executable, "-m", "core", "sync", "worker"], essential=False),
+    ]
+    for c in children:
+        c.start()
+    log.info("Scheduler and sync worker started: %s", "Ctrl-C stops everything")
+
+    stopping = False
 
     def stop(*_: object) -> None:
-        for proc in (console, sandbox):
-            if proc and proc.poll() is None:
-                proc.terminate()
+        nonlocal stopping
+        stopping = True
 
     signal.signal(signal.SIGTERM, stop)
+    code = 0
     try:
-        while console.poll() is None and (sandbox is None or sandbox.poll() is None):
+        while not stopping:
+            if sandbox is not None and sandbox.poll() is not None:
+                log.error("the CRM sandbox stopped (exit %s): stopping everything", sandbox.returncode)
+                code = 1
+                break
+            essential_down = next((c for c in children if c.essential and not c.alive()), None)
+            if essential_down is not None:
+                assert essential_down.proc is not None
+                code = essential_down.proc.returncode or 0
+                log.error("the %s stopped (exit %s): stopping everything", essential_down.name, code)
+                break
+            now = time.monotonic()
+            for c in children:
+                if c.essential or c.alive():
+                    continue
+                if c.stopped_at is None:
+                    c.stopped_at = now
+                    log.warning("the %s stopped (exit %s): starting it again in %.0f s", c.name,
+                                c.proc.returncode if c.proc else None, RESTART_DELAY)
+                elif now - c.stopped_at >= RESTART_DELAY:
+                    c.restarts += 1
+                    c.start()
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        stop()
-        for proc in (console, sandbox):
-            if proc:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    return console.returncode or 0
+        procs: list[subprocess.Popen] = [c.proc for c in children if c.proc is not None]  # type: ignore[type-arg]
+        if sandbox is not None:
+            procs.append(sandbox)
+        for p in procs:  # the scheduler and the worker finish the job in hand, then exit
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return code
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     raise SystemExit(main())

@@ -21,6 +21,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data"
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx"}
+#: Where the demo sandbox keeps its TLS files (``make run`` starts it with this ``--tls-dir``); in demo
+#: mode every process (console, worker, scheduler, a command typed by hand) trusts the CA found here.
+SANDBOX_TLS_DIR = DATA_DIR / "sandbox-tls"
+SANDBOX_CA_FILE = SANDBOX_TLS_DIR / "ca.pem"
 MIN_SECRET_BITS = 256  # 32 random bytes
 GENERATE_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -87,7 +91,11 @@ class Settings(BaseSettings):
     session_absolute_hours: float = Field(default=12.0, description="Console session absolute lifetime")
     session_idle_minutes: float = Field(default=60.0, description="Console session idle timeout")
     sandbox_url: str = Field(default="https://127.0.0.1:8502", description="CRM sandbox base URL (demo)")
-    sandbox_ca_file: Path | None = Field(default=None, description="CA bundle trusting the sandbox TLS")
+    sandbox_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle trusting the sandbox TLS (demo mode default: data/sandbox-tls/ca.pem, written by "
+                    "the sandbox that make run starts)",
+    )
     sandbox_browser_url: str = Field(
         default="http://127.0.0.1:8503",
         description="The sandbox's plain-http loopback origin for browser pages (IdP sign-in, OAuth consent; demo)",
@@ -95,6 +103,21 @@ class Settings(BaseSettings):
     smtp_host: str = Field(default="127.0.0.1", description="SMTP server for alert email")
     smtp_port: int = Field(default=25, description="SMTP port")
     smtp_sender: str = Field(default="crmbridge@localhost", description="From address of alert email")
+    # -- background processes: `crmbridge sync worker` and `crmbridge scheduler` ---------------------------
+    worker_poll_seconds: float = Field(default=2.0, ge=0.1, description="Idle sync worker: seconds between polls")
+    sync_lease_seconds: int = Field(
+        default=300, ge=5, description="A sync job's lease: a worker that dies is taken over after this long")
+    scheduler_lease_seconds: int = Field(
+        default=120, ge=2, description="A periodic job's lease (renewed while it runs): a dead scheduler's job "
+                                       "is taken over after this long")
+    schedule_sync_seconds: int = Field(default=60, ge=1, description="sync-schedule: create, disable and wake jobs")
+    schedule_sync_wake_seconds: int = Field(
+        default=5, ge=1, description="sync-wake: wake the jobs of users who reconnected (cheap, frequent)")
+    schedule_vault_sweep_seconds: int = Field(default=3600, ge=1, description="vault-sweep: expired/idle credentials")
+    schedule_alerts_seconds: int = Field(default=300, ge=1, description="alerts-run: evaluate rules and deliver")
+    schedule_alerts_digest_seconds: int = Field(default=86400, ge=1, description="alerts-digest: staff digest")
+    schedule_sso_watch_seconds: int = Field(default=86400, ge=1, description="sso-watch: IdP certificate watch")
+    schedule_posture_seconds: int = Field(default=86400, ge=1, description="posture-snapshot: daily posture rows")
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
@@ -118,11 +141,22 @@ class Settings(BaseSettings):
                 )
         if not host:
             raise ValueError(f"CRMBRIDGE_PUBLIC_URL {self.public_url!r} is not an absolute URL")
+        if self.demo and self.sandbox_ca_file is None:
+            # The one place every demo process reads the sandbox CA from: no environment to pass around.
+            self.sandbox_ca_file = SANDBOX_CA_FILE
         return self
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def sandbox_verify(self) -> str | bool:
+        """What HTTPS clients verify with: the sandbox CA file when one is configured (in demo mode, the
+        well-known ``data/sandbox-tls/ca.pem`` once the sandbox has written it), else the system CAs."""
+        ca = self.sandbox_ca_file
+        if ca is None or (ca == SANDBOX_CA_FILE and not ca.exists()):
+            return True
+        return str(ca)
 
     def public(self, path: str) -> str:
         """An absolute URL under CRMBRIDGE_PUBLIC_URL (never from the request's Host header)."""

@@ -9,9 +9,10 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.posture.overview import headline, needing_attention
 from core.posture.service import get_posture
+from core.scheduler.service import periodic_status
 from core.sync.service import sync_overview
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants
-from pages._common import md, principal, show_error
+from pages._common import ago, md, principal, show_error
 
 p = principal()
 st.title("Overview")
@@ -76,10 +77,49 @@ def _aggregate_view() -> None:
             st.success("No tenant has a blocking or high finding or a failing connection test.")
 
 
+def _every(seconds: int) -> str:
+    for unit, n in (("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= n and seconds % n == 0:
+            v = seconds // n
+            return f"{v} {unit}" + ("s" if unit == "day" and v > 1 else "")
+    return f"{seconds} s"
+
+
+def _scheduled_jobs_view() -> None:
+    """Staff: when each periodic job last ran, how it ended, and whether it is late."""
+    with session_scope() as s:
+        jobs = periodic_status(session=s, principal=p)
+    st.subheader("Scheduled jobs")
+    if all(j.status == "never ran" for j in jobs):
+        st.warning("No scheduled job has run yet: start the scheduler (`crmbridge scheduler`; `make run` starts "
+                   "one) so sync jobs, the vault sweep, alerts, the SSO watch and posture snapshots happen.")
+    else:
+        late = [j for j in jobs if j.late]
+        failed = [j for j in jobs if j.status == "failed"]
+        if late:
+            st.warning("Late: " + ", ".join(f"**{j.title}** ({j.status}, last ran {ago(j.last_started_at)})"
+                                             for j in late)
+                       + ". Is a `crmbridge scheduler` process running and reaching the database?")
+        for j in failed:
+            st.error(f"**{j.title}** failed {ago(j.last_finished_at)}: {j.last_error}")
+    st.dataframe([{"Job": j.title, "Every": _every(j.interval_seconds), "Status": j.status,
+                   "Last run": ago(j.last_started_at),
+                   "Started (UTC)": f"{j.last_started_at:%Y-%m-%d %H:%M:%S}" if j.last_started_at else "",
+                   "Finished (UTC)": f"{j.last_finished_at:%Y-%m-%d %H:%M:%S}" if j.last_finished_at else "",
+                   "Next due": ago(j.next_due_at) if j.next_due_at else "now",
+                   "Result": j.last_error or j.last_summary or "", "By": j.last_owner or ""} for j in jobs],
+                 hide_index=True, width="stretch",
+                 column_config={"Status": st.column_config.TextColumn(help="late: it should have run by now")})
+    st.caption("Each job runs once per interval however many schedulers run (the database decides). "
+               "Intervals: CRMBRIDGE_SCHEDULE_*_SECONDS.")
+
+
 try:
     if p.is_tenant_admin and p.tenant_id is not None:
         _tenant_admin_view(p.tenant_id)
     else:
         _aggregate_view()
+        if p.is_staff:
+            _scheduled_jobs_view()
 except CrmBridgeError as exc:
     show_error(exc)

@@ -53,7 +53,7 @@ def default_transport() -> HttpTransport:
     """The HTTP seam for console and workers: trusts the sandbox CA when one is configured, and calls
     only the vendors' hosts (plus the sandbox in demo mode)."""
     s = get_settings()
-    return HttpTransport(verify=str(s.sandbox_ca_file) if s.sandbox_ca_file else True,
+    return HttpTransport(verify=s.sandbox_verify(),
                          url_policy=CrmUrlPolicy.from_settings(s))
 
 

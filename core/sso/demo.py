@@ -36,7 +36,7 @@ def _test_login(session: Session, *, principal: Principal, tenant_id: int, slug:
 
     settings = get_settings()
     start = start_test_login(session=session, principal=principal, tenant_id=tenant_id)
-    verify: str | bool = str(settings.sandbox_ca_file) if settings.sandbox_ca_file else True
+    verify: str | bool = settings.sandbox_verify()
     with httpx.Client(verify=verify, timeout=10) as http:
         page = http.get(start.url) if not start.form else http.post(start.url, data=start.form)
         _, fields = _form(page.text)

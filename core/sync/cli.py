@@ -19,11 +19,18 @@ def _out(text: str) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
     from core.db import get_engine
+    from core.settings import get_settings
+    from core.sync.engine import SyncConfig, SyncEngine
     from core.sync.worker import run_worker
 
-    stats = run_worker(engine=get_engine(), concurrency=args.concurrency, once=args.once,
-                       poll_seconds=args.poll)
+    settings = get_settings()
+    engine = get_engine()
+    sync_engine = SyncEngine(engine, config=SyncConfig(lease=timedelta(seconds=settings.sync_lease_seconds)))
+    stats = run_worker(engine=engine, concurrency=args.concurrency, once=args.once, sync_engine=sync_engine,
+                       poll_seconds=args.poll if args.poll is not None else settings.worker_poll_seconds)
     _out(f"sync worker: {stats}")
     return 0
 
@@ -63,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     w = sync.add_parser("worker", help="claim and run due sync jobs")
     w.add_argument("--once", action="store_true", help="stop when no job is due")
     w.add_argument("--concurrency", type=int, default=1, help="jobs run at a time (PostgreSQL; SQLite runs 1)")
-    w.add_argument("--poll", type=float, default=5.0, help="seconds between polls when idle")
+    w.add_argument("--poll", type=float, default=None,
+                   help="seconds between polls when idle (default: CRMBRIDGE_WORKER_POLL_SECONDS, 2)")
     w.set_defaults(func=cmd_worker)
     sc = sync.add_parser("schedule", help="create and wake jobs, then sweep the vault (run from cron)")
     sc.add_argument("--no-sweep", action="store_true", help="skip the vault sweep")

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import and_, or_
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -135,17 +136,8 @@ def ensure_jobs(session: Session, *, now: datetime, tenant_id: int | None = None
                 session.add(job)
                 result.enabled += 1
             if job.state == JobState.reconnect_needed and cred is not None and cred[0] == "active":
-                since = aware(job.reconnect_since)
-                if since is None or cred[1] >= since:
-                    job.state = JobState.active.value
-                    job.next_run_at = now
-                    job.attempts = 0
-                    job.reconnect_since = None
-                    session.add(job)
+                if _wake(session, job, stored_at=cred[1], now=now, principal=principal):
                     result.reconnected += 1
-                    record_event(session, principal=principal, action="sync.reconnected", tenant_id=job.tenant_id,
-                                 target=f"app_user:{uid}" if uid is not None else f"crm_account:{acc.id}",
-                                 details={"job_id": job.id, "crm_account_id": acc.id}, at=now)
     for slot, job in existing.items():
         if slot not in wanted and job.state != JobState.disabled and job.id is not None:
             job.state = JobState.disabled.value
@@ -153,6 +145,55 @@ def ensure_jobs(session: Session, *, now: datetime, tenant_id: int | None = None
             result.disabled += 1
     session.flush()
     return result
+
+
+def _wake(session: Session, job: SyncJob, *, stored_at: datetime, now: datetime, principal: Principal) -> bool:
+    """Wake a job parked as "reconnect needed" when its credential was stored after the park."""
+    since = aware(job.reconnect_since)
+    if since is not None and aware(stored_at) < since:  # type: ignore[operator]
+        return False
+    job.state = JobState.active.value
+    job.next_run_at = now
+    job.attempts = 0
+    job.reconnect_since = None
+    session.add(job)
+    record_event(session, principal=principal, action="sync.reconnected", tenant_id=job.tenant_id,
+                 target=f"app_user:{job.app_user_id}" if job.app_user_id is not None
+                 else f"crm_account:{job.crm_account_id}",
+                 details={"job_id": job.id, "crm_account_id": job.crm_account_id}, at=now)
+    return True
+
+
+def wake_reconnected(session: Session, *, now: datetime, principal: Principal | None = None) -> int:
+    """Wake (due at once) only the jobs parked as "reconnect needed" whose owner stored a credential since.
+
+    The cheap, frequent half of ``ensure_jobs``: it reads just the parked jobs and their credentials, so a
+    user who used their connect link (or an admin who stored the API user's secret again) syncs within
+    seconds, without the full pass over every tenant. Returns how many jobs woke.
+    """
+    from core.vault.models import VaultCredential
+
+    principal = principal or Principal.system("sync-scheduler")
+    same_owner = or_(col(VaultCredential.app_user_id) == col(SyncJob.app_user_id),
+                     and_(col(VaultCredential.app_user_id).is_(None), col(SyncJob.app_user_id).is_(None)))
+    rows = session.exec(
+        select(SyncJob, VaultCredential.created_at)
+        .join(VaultCredential, and_(col(VaultCredential.crm_account_id) == col(SyncJob.crm_account_id), same_owner))
+        .where(SyncJob.state == JobState.reconnect_needed.value, VaultCredential.purpose == CREDENTIAL_PURPOSE,
+               VaultCredential.state == "active")
+        .order_by(col(SyncJob.id), col(VaultCredential.created_at).desc())
+    ).all()
+    woken = 0
+    seen: set[int] = set()
+    for job, stored_at in rows:
+        assert job.id is not None
+        if job.id in seen:  # the newest credential of the job's owner decides
+            continue
+        seen.add(job.id)
+        if _wake(session, job, stored_at=stored_at, now=now, principal=principal):
+            woken += 1
+    session.flush()
+    return woken
 
 
 def run_scheduler(engine: Engine, *, now: datetime, sweep: bool = True) -> ScheduleResult:

@@ -4,6 +4,7 @@ vault sweep runs with it; the CLI registers ``sync worker`` and ``sync schedule`
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -11,7 +12,7 @@ from sqlmodel import Session, col, select
 
 from core.clock import FrozenClock
 from core.sync.models import JobState, SyncJob, SyncRun
-from core.sync.scheduler import ensure_jobs, run_scheduler
+from core.sync.scheduler import ensure_jobs, run_scheduler, wake_reconnected
 from core.tenants.access import Principal
 from core.tenants.audit import verify_chain
 from core.tenants.models import AppUser, AppUserCrmIdentity, AuditEvent, CrmAccount, Tenant
@@ -80,6 +81,44 @@ def test_per_user_account_has_one_job_per_user_parked_until_a_credential_arrives
             f"app_user:{users[2].id}"
     woke = next(j for j in jobs(file_engine) if j.app_user_id == users[2].id)
     assert woke.state == JobState.active and woke.next_run_at == clock()
+
+
+def test_reconnect_wake_up_wakes_only_the_user_who_reconnected_and_only_after_the_park(
+    file_engine: Engine, clock: FrozenClock, vault_keys: Any,
+) -> None:
+    """The frequent, cheap pass (the scheduler's sync-wake job, every few seconds): a user who used their
+    connect link syncs at once; a user whose only credential predates the park stays parked."""
+    t, a, users = world(file_engine, mode="per_user_password")
+    with Session(file_engine) as s:
+        assert ensure_jobs(s, now=clock()).created == 3  # nobody connected yet: all parked
+        s.commit()
+        parked = {j.app_user_id: j for j in jobs(file_engine)}
+        assert {j.state for j in parked.values()} == {JobState.reconnect_needed}
+        assert wake_reconnected(s, now=clock()) == 0
+        s.commit()
+        clock.advance(minutes=3)
+        vault.put(s, principal=SYSTEM, tenant_id=t.id, purpose="crm-login", crm_account_id=a.id,  # type: ignore[arg-type]
+                  app_user_id=users[1].id, secret=json.dumps({"username": "u1", "password": "p"}), now=clock())
+        s.commit()
+        # user 2 is parked again later (say their credential failed), after storing one earlier
+        vault.put(s, principal=SYSTEM, tenant_id=t.id, purpose="crm-login", crm_account_id=a.id,  # type: ignore[arg-type]
+                  app_user_id=users[2].id, secret=json.dumps({"username": "u2", "password": "p"}), now=clock())
+        job2 = s.get(SyncJob, parked[users[2].id].id)
+        assert job2 is not None
+        job2.reconnect_since = clock() + timedelta(minutes=1)
+        s.add(job2)
+        s.commit()
+        clock.advance(minutes=2)
+        assert wake_reconnected(s, now=clock()) == 1
+        s.commit()
+        assert wake_reconnected(s, now=clock()) == 0  # nothing left to wake
+        s.commit()
+        [event] = s.exec(select(AuditEvent).where(AuditEvent.action == "sync.reconnected")).all()
+        assert event.target == f"app_user:{users[1].id}"
+    after = {j.app_user_id: j for j in jobs(file_engine)}
+    assert after[users[1].id].state == JobState.active and after[users[1].id].next_run_at == clock()
+    assert after[users[0].id].state == JobState.reconnect_needed
+    assert after[users[2].id].state == JobState.reconnect_needed
 
 
 def test_mode_switch_and_inactive_users_and_tenants_disable_jobs(file_engine: Engine, clock: FrozenClock) -> None:
