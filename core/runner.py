@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from core.settings import ROOT, SANDBOX_TLS_DIR, get_settings
 
@@ -43,8 +44,12 @@ class Child:
 
 
 def _start_sandbox(port: str) -> tuple[subprocess.Popen[str] | None, str]:
+    settings = get_settings()
     sandbox = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "--port", port, "--tls-dir", str(SANDBOX_TLS_DIR)],
+        [sys.executable, "-m", "sandbox", "--port", port, "--tls-dir", str(SANDBOX_TLS_DIR),
+         # sign-in/consent pages over loopback http (no certificate warning); callbacks follow the console
+         "--browser-port", str(urlsplit(settings.sandbox_browser_url).port or 80),
+         "--console-url", settings.public_url],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
     assert sandbox.stdout is not None

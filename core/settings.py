@@ -96,6 +96,10 @@ class Settings(BaseSettings):
         description="CA bundle trusting the sandbox TLS (demo mode default: data/sandbox-tls/ca.pem, written by "
                     "the sandbox that make run starts)",
     )
+    sandbox_browser_url: str = Field(
+        default="http://127.0.0.1:8503",
+        description="The sandbox's plain-http loopback origin for browser pages (IdP sign-in, OAuth consent; demo)",
+    )
     smtp_host: str = Field(default="127.0.0.1", description="SMTP server for alert email")
     smtp_port: int = Field(default=25, description="SMTP port")
     smtp_sender: str = Field(default="crmbridge@localhost", description="From address of alert email")
@@ -157,6 +161,19 @@ class Settings(BaseSettings):
     def public(self, path: str) -> str:
         """An absolute URL under CRMBRIDGE_PUBLIC_URL (never from the request's Host header)."""
         return self.public_url.rstrip("/") + "/" + path.lstrip("/")
+
+    def browser_facing(self, url: str) -> str:
+        """``url`` as a person's browser should open it. Demo mode only: a page of the sandbox (its
+        OAuth consent and install pages) moves from the sandbox's HTTPS origin, signed by a CA no browser
+        trusts, to its plain-http loopback origin (``sandbox_browser_url``), which browsers treat as
+        secure (https://w3c.github.io/webappsec-secure-contexts/#is-origin-trustworthy): no certificate
+        warning. Every other URL is returned unchanged."""
+        if not self.demo or not self.sandbox_browser_url:
+            return url
+        api = self.sandbox_url.rstrip("/")
+        if url == api or url.startswith((api + "/", api + "?")):
+            return self.sandbox_browser_url.rstrip("/") + url[len(api):]
+        return url
 
     def server_secret(self) -> bytes:
         """The server secret: from the environment, or (demo only) a generated 0600 file."""

@@ -14,6 +14,7 @@ from core.vault.service import destroy_for_mode_change
 from pages._common import md, principal, show_error
 from pages._crm_accounts import render_add_crm_account, render_connection_test
 from pages._invites import render_invite_admin
+from pages._sandbox_org import render_sandbox_org
 from pages._sso_status import render_sso_status
 from pages._users import render_add_user
 
@@ -55,6 +56,11 @@ try:
 except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
+
+info = st.session_state.pop("onboarding_flash_info", None)
+if info:
+    st.success(info)
+render_sandbox_org(tenant_id)
 
 st.progress(view.progress, text=f"{sum(1 for x in view.steps if x.settled)} of {len(view.steps)} steps settled")
 cols = st.columns(len(view.steps))

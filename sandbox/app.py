@@ -18,19 +18,27 @@ Admin API (loopback only, like the whole sandbox; JSON in and out):
     POST   /_sandbox/faults/{org}/expire-sessions  every session/token issued so far is invalid
     POST   /_sandbox/faults/{org}/release          paused write batches continue (pause removed)
     GET    /_sandbox/faults/{org}/wait-paused?timeout=10   blocks until a batch is paused
+    POST   /_sandbox/provision                     a new org + IdP for a console tenant (sandbox/provision.py)
+    GET    /_sandbox/provision/{tenant}            what was provisioned for it
+
+``browser_app(app)`` is the same sandbox restricted to the pages a person's browser opens (IdP sign-in,
+OAuth consent/install pages); ``python -m sandbox --browser-port`` serves it over plain http on loopback
+so an ordinary browser opens them without a certificate warning, while every API stays HTTPS.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandbox.state import VENDOR_SECTIONS, SandboxState, ScenarioError
 
@@ -99,10 +107,39 @@ def _admin_routes(state: SandboxState, vendors: list[str]) -> list[BaseRoute]:
     ]
 
 
-def create_app(scenario: str | Path | dict[str, Any], *, seed: int | None = None) -> Starlette:
-    """Build the sandbox for ``scenario`` (a YAML path or a dict). ``seed`` drives injected faults."""
-    state = SandboxState(scenario, seed=seed)
+def create_app(
+    scenario: str | Path | dict[str, Any], *, seed: int | None = None, console_url: str | None = None,
+    browser_url: str | None = None,
+) -> Starlette:
+    """Build the sandbox for ``scenario`` (a YAML path or a dict). ``seed`` drives injected faults;
+    ``console_url`` fills ``${CONSOLE_URL}`` in the scenario; ``browser_url`` is where browser pages are
+    served over plain http (IdP metadata points its SSO URL there)."""
+    from sandbox import provision
+
+    state = SandboxState(scenario, seed=seed, console_url=console_url, browser_url=browser_url)
     vendor_routes, vendors = _vendor_routes(state)
-    app = Starlette(routes=_admin_routes(state, vendors) + vendor_routes)
+    app = Starlette(routes=_admin_routes(state, vendors) + provision.routes(state) + vendor_routes)
     app.state.sandbox = state
     return app
+
+
+#: the pages a person's browser opens: the IdP's sign-in page and its form, and the OAuth consent /
+#: app-install pages (Salesforce at login.salesforce.com or My Domain, HubSpot's install page)
+BROWSER_PATHS = re.compile(
+    r"^/(idp/[^/]+/(sso|login)|(salesforce/[^/]+/)?services/oauth2/authorize|hubspot/oauth/authorize)$"
+)
+
+
+def browser_app(app: ASGIApp) -> ASGIApp:
+    """``app`` restricted to BROWSER_PATHS: every API (tokens, SOAP, REST, admin) answers 404 here."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not BROWSER_PATHS.match(scope.get("path", "")):
+            response = PlainTextResponse(
+                "Only the sign-in and consent pages are served over http here; APIs are on the sandbox's "
+                "https port.", status_code=404)
+            await response(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return wrapped

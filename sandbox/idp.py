@@ -163,6 +163,11 @@ class SamlIdp:
 
     base_url: str | None = None
     tenants: tuple[str, ...] = DEFAULT_TENANTS
+    #: the sandbox's plain-http loopback origin for browser pages (``python -m sandbox --browser-port``):
+    #: the SSO URL in the metadata points there, so a browser opens the sign-in page without a
+    #: certificate warning (http://127.0.0.1 is a potentially trustworthy origin:
+    #: https://w3c.github.io/webappsec-secure-contexts/#is-origin-trustworthy)
+    browser_url: str | None = None
     users: dict[str, list[str]] = field(default_factory=dict)
     clock: Callable[[], datetime] = _now
     keys: dict[str, IdpKey] = field(default_factory=dict)
@@ -190,7 +195,12 @@ class SamlIdp:
         return f"urn:crmbridge:sandbox:idp:{tenant}"
 
     def sso_url(self, tenant: str, request: Request | None = None) -> str:
-        return f"{self.base(request)}/idp/{tenant}/sso"
+        return f"{self.browser_url or self.base(request)}/idp/{tenant}/sso"
+
+    def add_tenant(self, tenant: str, users: list[str]) -> None:
+        """A new IdP (a provisioned tenant's): its key is kept like the scenario's (see load_or_make_key)."""
+        self.keys.setdefault(tenant, load_or_make_key(tenant, now=self.clock()))
+        self.users[tenant] = list(users)
 
     def cert_b64(self, tenant: str) -> str:
         return self.keys[tenant].cert_b64
@@ -406,7 +416,8 @@ def _get_idp(state: Any) -> SamlIdp:
         return existing
     section = state.section("idp") if hasattr(state, "section") else {}
     users = _tenants_from_section(section)
-    idp = SamlIdp(base_url=(section or {}).get("base_url"), tenants=tuple(users), users=users)
+    idp = SamlIdp(base_url=(section or {}).get("base_url"), tenants=tuple(users), users=users,
+                  browser_url=getattr(state, "browser_url", None))
     if isinstance(vendors, dict):
         vendors["idp"] = idp
     if hasattr(state, "on_reset"):
@@ -479,7 +490,7 @@ def routes(state: Any = None) -> list[BaseRoute]:
         buttons = "".join(
             f"<button name='email' value='{html.escape(u)}'>{html.escape(u)}</button><br>" for u in users
         )
-        action = html.escape(f"{idp.base(request)}/idp/{tenant}/login")
+        action = html.escape(f"{idp.browser_url or idp.base(request)}/idp/{tenant}/login")
         body = (
             f"<h1>Sandbox IdP — {html.escape(tenant)}</h1>"
             f"<p>Signing in to <code>{html.escape(audience)}</code>.</p>"

@@ -38,13 +38,25 @@ MalformedResponse handling; vendors apply it with ``corrupt_response``). Vendor 
     state.epoch(org_key)                            # bumped by expire_sessions(): older sessions die
 
 Tests drive them through the admin endpoints in sandbox/app.py (``/_sandbox/...``).
+
+Console URL and provisioned orgs
+--------------------------------
+Strings in the scenario may say ``${CONSOLE_URL}`` (the console's public URL: ``--console-url`` /
+``SANDBOX_CONSOLE_URL``, default ``http://127.0.0.1:8501``), so the OAuth callback URLs an org's apps
+list follow the console's port instead of being written into data/demo/. Orgs made through
+``POST /_sandbox/provision`` (sandbox/provision.py) are scenario fragments kept in
+``<state dir>/provisioned.yaml`` (``SANDBOX_STATE_DIR``, which ``python -m sandbox`` sets to its TLS
+folder, where the IdP keys already live) and merged into the scenario on every load and reset, so they
+survive a restart as the demo's own orgs do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +65,9 @@ from typing import Any
 import yaml
 
 VENDOR_SECTIONS = ("salesforce", "dynamics", "hubspot", "idp")
+DEFAULT_CONSOLE_URL = "http://127.0.0.1:8501"
+PROVISIONED_FILE = "provisioned.yaml"
+_VAR = re.compile(r"\$\{([A-Z_]+)\}")
 
 
 class ScenarioError(ValueError):
@@ -111,6 +126,22 @@ def load_scenario(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def substitute(value: Any, variables: dict[str, str]) -> Any:
+    """``value`` with every ``${NAME}`` in its strings replaced; an unknown name is an error."""
+    if isinstance(value, str):
+        def repl(m: re.Match[str]) -> str:
+            if m.group(1) not in variables:
+                raise ScenarioError(f"unknown scenario variable ${{{m.group(1)}}}: use one of {sorted(variables)}")
+            return variables[m.group(1)]
+
+        return _VAR.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: substitute(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, variables) for v in value]
+    return value
+
+
 @dataclass
 class Faults:
     latency_ms: float = 0.0
@@ -140,9 +171,18 @@ class _OrgRuntime:
 class SandboxState:
     """Everything the running sandbox knows. One instance per app."""
 
-    def __init__(self, scenario: str | Path | dict[str, Any], *, seed: int | None = None) -> None:
+    def __init__(
+        self, scenario: str | Path | dict[str, Any], *, seed: int | None = None, console_url: str | None = None,
+        browser_url: str | None = None, state_dir: str | Path | None = None,
+    ) -> None:
         self._source = scenario
-        self.scenario: dict[str, Any] = load_scenario(scenario)
+        self.console_url = (console_url or os.environ.get("SANDBOX_CONSOLE_URL") or DEFAULT_CONSOLE_URL).rstrip("/")
+        #: the plain-http loopback origin serving the browser-facing pages (None: HTTPS only)
+        self.browser_url = browser_url.rstrip("/") if browser_url else None
+        folder = state_dir or os.environ.get("SANDBOX_STATE_DIR")
+        self.state_dir = Path(folder) if folder else None
+        self._provisioned_mem: dict[str, dict[str, Any]] = {}  # without a state folder (tests)
+        self.scenario: dict[str, Any] = self._load()
         self.seed: int = seed if seed is not None else int(self.scenario.get("seed", 0))
         self.vendors: dict[str, Any] = {}
         self._reset_hooks: list[Callable[[SandboxState], None]] = []
@@ -150,6 +190,49 @@ class SandboxState:
         self._orgs: dict[str, _OrgRuntime] = {}
 
     # -- scenario -----------------------------------------------------------------------------
+    @property
+    def variables(self) -> dict[str, str]:
+        return {"CONSOLE_URL": self.console_url}
+
+    def _load(self) -> dict[str, Any]:
+        merged = load_scenario(self._source)
+        for key, record in self.provisioned().items():
+            _merge(merged, record.get("scenario") or {}, f"{PROVISIONED_FILE} ({key})")
+        return substitute(merged, self.variables)
+
+    def provisioned(self) -> dict[str, dict[str, Any]]:
+        """Provisioned orgs by ``<tenant>:<crm>`` (empty without a state folder or before the first)."""
+        if self.state_dir is None:
+            return dict(self._provisioned_mem)
+        path = self.state_dir / PROVISIONED_FILE
+        if not path.exists():
+            return {}
+        return dict(_read_yaml(path).get("provisioned") or {})
+
+    def save_provisioned(self, key: str, record: dict[str, Any]) -> None:
+        """Keep a provisioned org (0600: it holds its demo passwords) and merge it into the live scenario."""
+        records = self.provisioned()
+        records[key] = record
+        if self.state_dir is None:
+            self._provisioned_mem = records
+        else:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            path = self.state_dir / PROVISIONED_FILE
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                yaml.safe_dump({"provisioned": records}, fh, sort_keys=True)
+            os.replace(tmp, path)
+        _merge(self.scenario, substitute(record.get("scenario") or {}, self.variables), f"provisioned {key}")
+
+    def org_keys(self) -> set[str]:
+        """Every org key in use (keys are unique across vendors)."""
+        keys: set[str] = set()
+        keys |= set(self.section("salesforce").get("orgs") or {})
+        keys |= set(self.section("dynamics").get("environments") or {})
+        keys |= set(self.section("hubspot").get("portals") or {})
+        return {str(k) for k in keys}
+
     def section(self, name: str) -> dict[str, Any]:
         value = self.scenario.get(name) or {}
         if not isinstance(value, dict):
@@ -166,7 +249,7 @@ class SandboxState:
         """Reload the scenario, clear faults and sessions, and let each vendor rebuild its store."""
         if scenario is not None:
             self._source = scenario
-        self.scenario = load_scenario(self._source)
+        self.scenario = self._load()
         for rt in self._orgs.values():
             if rt.gate is not None:
                 rt.gate.set()  # never leave a request hanging across a reset

@@ -185,7 +185,7 @@ def begin_authorization(
     refusal = policy.refusal(url, account.provider, what="The CRM sign-in page")
     if refusal:
         raise ConfigurationError(refusal, fix="Check the account's URLs.", code="url_refused")
-    return url
+    return get_settings().browser_facing(url)  # demo: the sandbox's consent page without a TLS warning
 
 
 def _redeem(session: Session, state: str, payload: dict[str, Any], now: datetime) -> None:

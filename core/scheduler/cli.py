@@ -38,6 +38,10 @@ def _scheduler(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_scheduler(args: argparse.Namespace) -> int:
     if args.action == "status":
         return cmd_status(args)
+    from core.vault.service import require_keys_at_start
+
+    # Its jobs sweep the vault and deliver alerts (sealed webhook URLs): a wrong key stops it before any job.
+    require_keys_at_start(process="crmbridge scheduler")
     sched = _scheduler(args)
     if args.once:
         records = sched.run_once(args.job)

@@ -1,5 +1,7 @@
 """Browser tests: Playwright drives Debian's Chromium against the same servers `make run` starts
 (core.runner: the console and the CRM sandbox), on free loopback ports with a throwaway database.
+The browser trusts no extra CA and ignores no certificate error: the sandbox's sign-in and consent pages
+open on its plain-http loopback origin (CRMBRIDGE_SANDBOX_BROWSER_URL), as in `make run`.
 
 Screenshots of every step go to a folder printed at the start of the run."""
 
@@ -35,6 +37,7 @@ def _free_port() -> int:
 class Console:
     url: str
     sandbox_url: str
+    sandbox_browser_url: str
     env: dict[str, str]
     shots: Path
     tmp: Path
@@ -62,7 +65,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, shots_dir: Path) -> Iterat
     except ImportError:
         pytest.skip("playwright (python package) is not installed: pip install playwright")
     tmp = tmp_path_factory.mktemp("e2e")
-    port, sandbox_port = _free_port(), _free_port()
+    port, sandbox_port, browser_port = _free_port(), _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRMBRIDGE_")}
     env.update({
         "CRMBRIDGE_DEMO": "1",
@@ -70,6 +73,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, shots_dir: Path) -> Iterat
         "CRMBRIDGE_PORT": str(port),
         "CRMBRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "CRMBRIDGE_SANDBOX_URL": f"https://127.0.0.1:{sandbox_port}",
+        "CRMBRIDGE_SANDBOX_BROWSER_URL": f"http://127.0.0.1:{browser_port}",
         "CRMBRIDGE_SECRET_KEY_FILE": str(tmp / "secret.key"),
         "CRMBRIDGE_VAULT_KEY_FILE": str(tmp / "vault-keys.json"),
         # the CLI (`console.crmbridge("sync", "worker", ...)`) trusts the sandbox's CA as core.runner's console does
@@ -78,15 +82,16 @@ def console(tmp_path_factory: pytest.TempPathFactory, shots_dir: Path) -> Iterat
         "CRMBRIDGE_SMTP_PORT": str(_free_port()),
         "PYTHONUNBUFFERED": "1",
     })
-    c = Console(url=f"http://127.0.0.1:{port}", sandbox_url=f"https://127.0.0.1:{sandbox_port}", env=env,
-                shots=shots_dir, tmp=tmp)
+    c = Console(url=f"http://127.0.0.1:{port}", sandbox_url=f"https://127.0.0.1:{sandbox_port}",
+                sandbox_browser_url=f"http://127.0.0.1:{browser_port}", env=env, shots=shots_dir, tmp=tmp)
+    assert port != 8501  # the journey runs the console on a non-default port (every redirect must follow)
     for args in (("db", "upgrade"),):  # core.runner loads the demo once the sandbox answers
         r = c.crmbridge(*args)
         assert r.returncode == 0, r.stderr + r.stdout
     log = open(tmp / "servers.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "core.runner"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180  # a loaded CI machine starts slowly
     while True:
         try:
             if httpx.get(f"{c.url}/healthz", timeout=2).status_code == 200:
@@ -120,7 +125,7 @@ def browser(console: Console):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def page(browser, console):  # type: ignore[no-untyped-def]
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, ignore_https_errors=True)
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})  # certificate errors stay errors
     ctx.set_default_timeout(30_000)
     pg = ctx.new_page()
     yield pg

@@ -1,18 +1,24 @@
 """The whole journey in a real browser (issue 9), against the servers `make run` starts:
 
 0. sales leadership notes today's adoption figures;
-1. customer success (staff) onboards a new Salesforce tenant, Initrode, end to end: the tenant, a CRM
-   account from the catalog form (an API user by OAuth client credentials, whose secret goes in the
-   secure HTML form that runs the connection test against the sandbox org ``newco``), the credential
-   mode, the SSO metadata imported by URL from the sandbox IdP and a test login through it, a user,
-   an invitation for the tenant's admin, and go-live;
+1. customer success (staff) onboards a new Salesforce tenant, Initrode, end to end using only what the
+   console shows: the tenant, a new Salesforce org and IdP made in the sandbox from the wizard ("Create a
+   sandbox org", whose instance URL, keys, secrets and IdP metadata URL are read off the wizard page), a
+   CRM account from the catalog form (an API user by OAuth client credentials, whose secret goes in the
+   secure HTML form that runs the connection test against that org), the credential mode, the SSO
+   metadata imported by URL from the new IdP and a test login through it, a user, an invitation for the
+   tenant's admin, and go-live;
 2. the invited admin sets a password, later signs in through Initrode's SSO, and sees posture and sync
    health (after the scheduler's sync pass, as a deployment's cron runs it);
 3. the admin adds Initrode's field-sales Salesforce account, where each user connects their own login
    (per-user OAuth), and sends a connect link; the app user opens it in a fresh browser, signs in
    through Initrode's SSO first (the tenant has tested SSO), then with Salesforce on the sandbox's
    consent page, and the admin sees the stored credential;
-4. after the nightly posture snapshot, leadership sees Initrode counted in adoption.
+4. after the nightly posture snapshot, leadership sees Initrode counted in adoption;
+5. staff onboards a Dynamics 365 tenant, Dunder, the same way on a new sandbox environment and IdP.
+
+The browser ignores no certificate error: the sandbox's IdP sign-in and OAuth consent pages open on its
+plain-http loopback origin, and the console runs on a non-default port (every redirect follows it).
 
 The tests run in order and share browser contexts (one per person). Every step is screenshotted into
 the folder printed at the start of the run.
@@ -25,24 +31,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.e2e.conftest import ROOT, Console, Shooter
+from tests.e2e.conftest import Console, Shooter
 from tests.e2e.test_roles import sign_in
 
 pytestmark = pytest.mark.e2e
 
 TENANT, SLUG = "Initrode", "initrode"
-ADMIN = "admin@initrode.example"  # the sandbox IdP of `initrode` lists this user (data/demo/sandbox.yaml)
+ADMIN = "admin@initrode.example"  # the wizard lists it among the new IdP's users
 ADMIN_PASSWORD = "Initrode-admin-2026!"
-USER_EMAIL, USER_NAME = "nora@initrode.example", "Nora Quinn"
-# The sandbox org `newco` plays Initrode's Salesforce (data/demo/sandbox.yaml): its Integration user's
-# client-credentials app, its per-user connected app, and Nora's Salesforce login and user id there.
-ORG = "newco"
-INTEGRATION_APP, INTEGRATION_SECRET = "newco-integration", "demo-newco-integration-secret"
-USER_APP, USER_APP_SECRET = "newco-connected-app", "demo-newco-app-secret"
-SF_USERNAME, SF_PASSWORD, SF_USER_ID = "nora@newco.example", "Demo-Nora-2026", "005NEWC000000001"
+USER_EMAIL, USER_NAME = "sales@initrode.example", "Sam Seller"  # a user of the new org, per the wizard
 API_USER_MODE = "API user — OAuth client credentials (Salesforce Integration user)"
 PER_USER_OAUTH_MODE = "Each user — OAuth web-server flow with PKCE"
 
@@ -109,10 +108,22 @@ def choose(page, label: str, option: str, *, in_form: bool = False) -> None:  # 
             break
         except PlaywrightTimeout:
             continue
-    if in_form:
-        item.click()
-    else:
-        rerun(page, item.click)
+    for attempt in range(3):  # a late rerun can redraw the list under the click: open it again and retry
+        try:
+            if in_form:
+                item.click(timeout=10_000)
+            else:
+                rerun(page, lambda: item.click(timeout=10_000))
+            return
+        except PlaywrightTimeout:
+            if attempt == 2 or box.input_value() == option:
+                if box.input_value() == option:
+                    return
+                raise
+            settled(page)
+            if box.get_attribute("aria-expanded") != "true":
+                box.click()
+            item.wait_for(timeout=5_000)
 
 
 def textbox(page, label: str):  # type: ignore[no-untyped-def]
@@ -212,7 +223,7 @@ class Journey:
     def person(self, who: str, prefix: str):  # type: ignore[no-untyped-def]
         """The browser of one person (a context of its own: its own cookies); created on first use."""
         if who not in self.pages:
-            ctx = self.browser.new_context(viewport={"width": 1400, "height": 1000}, ignore_https_errors=True)
+            ctx = self.browser.new_context(viewport={"width": 1400, "height": 1000})  # no TLS errors ignored
             ctx.set_default_timeout(30_000)
             ctx.add_init_script(RUNS_JS)
             self.pages[who] = ctx.new_page()
@@ -234,6 +245,26 @@ def journey(browser, console) -> Iterator[Journey]:  # type: ignore[no-untyped-d
     yield j
     for pg in j.pages.values():
         pg.context.close()
+
+
+def create_sandbox_org(page, shot, crm: str, key: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Press "Create a sandbox org" in the wizard and read what it shows: {title: value} for every value
+    to type, plus ``users`` ({email: (role, password, CRM user id)}) and ``idp_users``."""
+    from playwright.sync_api import expect
+
+    choose(page, "Sandbox CRM", crm)
+    press(page, "Create a sandbox org")
+    box = page.locator(f".st-key-sandbox_org_{key}")
+    expect(box).to_be_visible()
+    expect(box.get_by_text("IdP metadata URL:")).to_be_visible()
+    box.scroll_into_view_if_needed()
+    shot(f"sandbox-{key}-org")
+    text = box.inner_text()
+    values: dict[str, Any] = dict(re.findall(r"^(.+?): (\S+)$", text, re.M))
+    values["users"] = {m[0]: (m[1], m[2], m[3]) for m in re.findall(
+        r"^(\S+@\S+) \(([\w ]+)\)(?:: password (\S+))?, CRM user id (\S+)$", text, re.M)}
+    values["idp_users"] = re.findall(r"(\S+@\S+\.example)", text.split("IdP users", 1)[1].split("\n", 1)[0])
+    return values
 
 
 def _percent(text: str) -> int:
@@ -275,17 +306,21 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     expect(page.get_by_text(f"Created {TENANT}. Continue on the Onboarding page.")).to_be_visible()
     shot("tenant-created")
 
-    # onboarding: a Salesforce account from the catalog-generated form
+    # onboarding: a new Salesforce org and IdP in the sandbox, then an account from the catalog form
     open_page(page, f"{c.url}/onboarding")
     choose(page, "Tenant", f"{TENANT} ({SLUG})")
     expect(page.get_by_text("1 of 7 steps settled")).to_be_visible()
     expect(page.get_by_text("Check: no CRM account yet: add one")).to_be_visible()
+    sf = create_sandbox_org(page, shot, "Salesforce", "salesforce")
+    journey.notes["sf"] = sf
+    assert sf["Callback URL registered on the connected app"] == f"{c.url}/oauth/salesforce/callback"
+    assert ADMIN in sf["idp_users"] and USER_EMAIL in sf["users"], sf
     choose(page, "CRM", "Salesforce")
     choose(page, "Edition", "Enterprise")
     choose(page, "How CRM Bridge signs in", API_USER_MODE)
     textbox(page, "Label").fill("Salesforce")
-    textbox(page, "My Domain URL").fill(f"{c.sandbox_url}/salesforce/{ORG}")
-    textbox(page, "Consumer key").fill(INTEGRATION_APP)
+    textbox(page, "My Domain URL").fill(sf["Instance URL"])
+    textbox(page, "Consumer key").fill(sf["Consumer key (API user — client credentials)"])
     assert page.get_by_role("textbox", name="Consumer secret").count() == 0  # never a Streamlit widget
     shot("crm-account-form")
     press(page, "Add CRM account")
@@ -297,13 +332,14 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     assert secure_form and re.fullmatch(rf"{re.escape(c.url)}/crm-accounts/\d+/credentials", secure_form)
     page.goto(secure_form)
     expect(page.get_by_role("heading", name="Credentials for Salesforce")).to_be_visible()
-    page.get_by_label("Consumer secret").fill(INTEGRATION_SECRET)
+    secret = sf["Consumer secret (API user — client credentials)"]
+    page.get_by_label("Consumer secret").fill(secret)
     assert page.get_by_label("Test the connection right away").is_checked()
     shot("secure-form")
     page.get_by_role("button", name="Save credentials").click()
-    expect(page.get_by_text("The connection test passed as integration@newco.example.")).to_be_visible()
+    expect(page.get_by_text(f"The connection test passed as integration@{SLUG}.example.")).to_be_visible()
     assert "Authenticated with OAuth client credentials" in page.locator("body").inner_text()
-    assert INTEGRATION_SECRET not in page.content()
+    assert secret not in page.content()
     shot("connection-test-passed")
 
     # CRM accounts, credential mode, connection test: done
@@ -325,7 +361,7 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     choose(page, "Tenant", f"{TENANT} ({SLUG})")
     expect(page.get_by_role("heading", name=f"Single sign-on — {TENANT}")).to_be_visible()
     page.get_by_role("tab", name="From a URL").click()
-    textbox(page, "Metadata URL (https)").fill(f"{c.sandbox_url}/idp/{SLUG}/metadata")
+    textbox(page, "Metadata URL (https)").fill(sf["IdP metadata URL"])
     rerun(page, lambda: page.keyboard.press("Enter"))
     press(page, "Fetch")
     expect(page.get_by_text(f"Usable: IdP urn:crmbridge:sandbox:idp:{SLUG}.")).to_be_visible()
@@ -336,8 +372,9 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     shot("sso-imported")
     test_login = page.get_by_role("link", name="Start a test login").get_attribute("href")
     assert test_login == f"{c.url}/sso/{SLUG}/test"
-    page.goto(test_login)  # → the sandbox IdP's login page
+    page.goto(test_login)  # → the sandbox IdP's login page, on its loopback-http origin (no TLS warning)
     expect(page.get_by_role("heading", name=f"Sandbox IdP — {SLUG}")).to_be_visible()
+    assert page.url.startswith(f"{c.sandbox_browser_url}/idp/{SLUG}/sso?")
     shot("idp-login-page")
     page.get_by_role("button", name=ADMIN, exact=True).click()  # → the ACS → back on the SSO page
     page.wait_for_url(re.compile(rf"/sso\?trace=\d+&tenant={SLUG}$"))
@@ -452,11 +489,8 @@ def test_3_app_user_connects_through_a_link_and_the_sandbox_oauth_consent(journe
 
     c = journey.console
     page, shot = journey.person("admin", "journey-3-connect-admin")
-    # Initrode's Salesforce admin lists CRM Bridge's callback URL on the connected app (Setup → App
-    # Manager); the sandbox's scenario only knows `make run`'s port.
-    httpx.post(f"{c.sandbox_url}/_sandbox/salesforce/{ORG}/apps/{USER_APP}/callback-urls",
-               json={"add": f"{c.url}/oauth/salesforce/callback"},
-               verify=str(ROOT / "data" / "sandbox-tls" / "ca.pem")).raise_for_status()
+    sf = journey.notes["sf"]  # read off the wizard in step 1 (the connected app lists our callback URL)
+    _, sf_password, sf_user_id = sf["users"][USER_EMAIL]
 
     open_page(page, f"{c.url}/tenant")
     expand(page, "Add a CRM account")
@@ -464,15 +498,15 @@ def test_3_app_user_connects_through_a_link_and_the_sandbox_oauth_consent(journe
     choose(page, "Edition", "Enterprise")
     choose(page, "How CRM Bridge signs in", PER_USER_OAUTH_MODE)
     textbox(page, "Label").fill("Field sales")
-    textbox(page, "My Domain URL").fill(f"{c.sandbox_url}/salesforce/{ORG}")
-    textbox(page, "Consumer key").fill(USER_APP)
+    textbox(page, "My Domain URL").fill(sf["Instance URL"])
+    textbox(page, "Consumer key").fill(sf["Consumer key (each user — OAuth)"])
     shot("per-user-account-form")
     press(page, "Add CRM account")
     expect(page.get_by_text("Added Field sales.")).to_be_visible()
     secure_form = page.get_by_role("link", name="Enter credentials (secure form)").first.get_attribute("href")
     page.goto(secure_form)
     expect(page.get_by_role("heading", name="Credentials for Field sales")).to_be_visible()
-    page.get_by_label("Consumer secret (optional)").fill(USER_APP_SECRET)
+    page.get_by_label("Consumer secret (optional)").fill(sf["Consumer secret (each user — OAuth)"])
     page.get_by_label("Test the connection right away").uncheck()  # nobody has connected yet
     page.get_by_role("button", name="Save credentials").click()
     expect(page.get_by_role("heading", name="Credentials saved")).to_be_visible()
@@ -481,9 +515,9 @@ def test_3_app_user_connects_through_a_link_and_the_sandbox_oauth_consent(journe
     expand(page, "Map a user to their CRM user id")
     choose(page, "User", f"{USER_EMAIL} ({USER_NAME})", in_form=True)
     choose(page, "CRM account", "Field sales", in_form=True)
-    textbox(page, "CRM user id").fill(SF_USER_ID)
+    textbox(page, "CRM user id").fill(sf_user_id)
     press(page, "Save CRM user id")
-    expect(page.get_by_text(f"{USER_EMAIL} is {SF_USER_ID} in Field sales")).to_be_visible()
+    expect(page.get_by_text(f"{USER_EMAIL} is {sf_user_id} in Field sales")).to_be_visible()
     link_box = expand(page, "Create a connect link")
     assert link_box.get_by_role("combobox", name="User and CRM account").input_value() == \
         f"{USER_EMAIL} · Field sales"
@@ -506,9 +540,9 @@ def test_3_app_user_connects_through_a_link_and_the_sandbox_oauth_consent(journe
     user_shot("connect-link")
     user.get_by_role("button", name="Sign in with Salesforce").click()
     expect(user.get_by_role("heading", name="Allow access?")).to_be_visible()  # the sandbox's consent page
-    assert user.url.startswith(f"{c.sandbox_url}/salesforce/{ORG}/services/oauth2/authorize?")
-    user.get_by_label("Username").fill(SF_USERNAME)
-    user.get_by_label("Password").fill(SF_PASSWORD)
+    assert user.url.startswith(f"{c.sandbox_browser_url}/salesforce/")  # loopback http: no TLS warning
+    user.get_by_label("Username").fill(USER_EMAIL)
+    user.get_by_label("Password").fill(sf_password)
     user_shot("consent")
     user.get_by_role("button", name="Allow").click()
     expect(user.get_by_role("heading", name="Connected")).to_be_visible()
@@ -548,3 +582,94 @@ def test_4_leadership_sees_the_new_tenant_counted_in_adoption(journey):
     assert int(metric(page, "Tenants")) == before + 1
     assert metric(page, "Tenants with tested SSO") == tested_share
     shot("overview-after")
+
+
+# -- 5. a Dynamics 365 tenant on a new sandbox environment and IdP ---------------------------------------
+DYN_TENANT, DYN_SLUG = "Dunder Paper", "dunder"
+DYN_MODE = "Application user — Microsoft Entra ID client credentials"
+
+
+def test_5_staff_onboards_a_dynamics_tenant_on_a_new_sandbox_environment(journey):
+    from playwright.sync_api import expect
+
+    c = journey.console
+    page, shot = journey.person("staff", "journey-5-dynamics")
+    open_page(page, f"{c.url}/tenants")
+    expand(page, "Create a tenant")
+    textbox(page, "Company name").fill(DYN_TENANT)
+    textbox(page, "Short name (slug)").fill(DYN_SLUG)
+    press(page, "Create tenant")
+    expect(page.get_by_text(f"Created {DYN_TENANT}. Continue on the Onboarding page.")).to_be_visible()
+
+    open_page(page, f"{c.url}/onboarding")
+    choose(page, "Tenant", f"{DYN_TENANT} ({DYN_SLUG})")
+    expect(page.get_by_text("1 of 7 steps settled")).to_be_visible()
+    dyn = create_sandbox_org(page, shot, "Dynamics 365", "dynamics")
+    admin = f"admin@{DYN_SLUG}.example"
+    assert admin in dyn["idp_users"], dyn
+    choose(page, "CRM", "Microsoft Dynamics 365 Sales")
+    choose(page, "Edition", "Dynamics 365 Sales Enterprise")
+    choose(page, "How CRM Bridge signs in", DYN_MODE)
+    textbox(page, "Label").fill("Dynamics 365")
+    textbox(page, "Environment URL").fill(dyn["Instance URL"])
+    for title in ("Directory (tenant) ID", "Application (client) ID"):
+        textbox(page, title).fill(dyn[title])
+    for title in ("Microsoft Entra authority (advanced)", "Microsoft Graph endpoint (advanced)"):
+        textbox(page, f"{title} (optional)").fill(dyn[title])
+    shot("crm-account-form")
+    press(page, "Add CRM account")
+    expect(page.get_by_text("Added Dynamics 365. Next: enter its client secret value in the secure form")) \
+        .to_be_visible()
+    page.goto(page.get_by_role("link", name="Enter credentials (secure form)").first.get_attribute("href"))
+    expect(page.get_by_role("heading", name="Credentials for Dynamics 365")).to_be_visible()
+    page.get_by_label("Client secret value").fill(dyn["Client secret value"])
+    page.get_by_role("button", name="Save credentials").click()
+    expect(page.get_by_text(re.compile(r"The connection test passed"))).to_be_visible()
+    assert dyn["Client secret value"] not in page.content()
+    shot("connection-test-passed")
+
+    open_page(page, f"{c.url}/onboarding")
+    choose(page, "Tenant", f"{DYN_TENANT} ({DYN_SLUG})")
+    for settled_steps, title in ((2, "CRM accounts"), (3, "Credential mode"), (4, "Connection test")):
+        pick_step(page, title)
+        press(page, "Mark step done")
+        expect(page.get_by_text(f"{settled_steps} of 7 steps settled")).to_be_visible()
+
+    # SSO from the IdP metadata URL the wizard showed; the test login opens the IdP over loopback http
+    open_page(page, f"{c.url}/sso")
+    choose(page, "Tenant", f"{DYN_TENANT} ({DYN_SLUG})")
+    page.get_by_role("tab", name="From a URL").click()
+    textbox(page, "Metadata URL (https)").fill(dyn["IdP metadata URL"])
+    rerun(page, lambda: page.keyboard.press("Enter"))
+    press(page, "Fetch")
+    expect(page.get_by_text(f"Usable: IdP urn:crmbridge:sandbox:idp:{DYN_SLUG}.")).to_be_visible()
+    press(page, "Import this configuration")
+    expect(page.get_by_text("IdP configuration saved. Run a test login next.")).to_be_visible()
+    page.goto(page.get_by_role("link", name="Start a test login").get_attribute("href"))
+    expect(page.get_by_role("heading", name=f"Sandbox IdP — {DYN_SLUG}")).to_be_visible()
+    assert page.url.startswith(f"{c.sandbox_browser_url}/idp/{DYN_SLUG}/sso?")
+    shot("idp-login-page")
+    page.get_by_role("button", name=admin, exact=True).click()
+    page.wait_for_url(re.compile(rf"/sso\?trace=\d+&tenant={DYN_SLUG}$"))
+    settled(page)
+    assert metric(page, "Tested") == "yes"
+    shot("sso-test-login-passed")
+
+    open_page(page, f"{c.url}/onboarding")
+    choose(page, "Tenant", f"{DYN_TENANT} ({DYN_SLUG})")
+    pick_step(page, "Single sign-on")
+    press(page, "Mark step done")
+    expect(page.get_by_text("5 of 7 steps settled")).to_be_visible()
+    pick_step(page, "Users")
+    email, (_, _, crm_id) = next((e, u) for e, u in dyn["users"].items() if e != admin)
+    textbox(page, "Email").fill(email)
+    textbox(page, "Name").fill("Sam Seller")
+    press(page, "Add user")
+    expect(page.get_by_text(f"Added {email}.")).to_be_visible()
+    assert re.fullmatch(r"[0-9a-f-]{36}", crm_id)  # the systemuserid the wizard shows, for mapping
+    press(page, "Mark step done")
+    expect(page.get_by_text("6 of 7 steps settled")).to_be_visible()
+    pick_step(page, "Go live")
+    press(page, "Go live")
+    expect(page.get_by_text(f"{DYN_TENANT} is live.")).to_be_visible()
+    shot("live")

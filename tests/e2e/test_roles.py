@@ -73,6 +73,7 @@ def test_sign_out_ends_the_session(page, console):
     sign_in(page, console, "admin@bigcorp.example")
     page.goto(f"{console.url}/auth/logout")
     page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(f"{console.url}/auth/login")  # the sign-out finished (a goto now would cancel it)
     page.goto(console.url)
     wait_streamlit(page)
     # the gate's one page (st.navigation) renders just after the script-run status clears

@@ -104,7 +104,8 @@ def test_a_worker_typed_by_hand_in_demo_mode_reaches_the_sandbox(
                   secret=json.dumps({"client_id": "newco-integration",
                                      "client_secret": "demo-newco-integration-secret"}))
         s.commit()
-    env = hand_env(CRMBRIDGE_DEMO="1", CRMBRIDGE_DATABASE_URL=url,
+    # The sandbox runs on a free port here, not make run's 8502: name it as a user who moved it would.
+    env = hand_env(CRMBRIDGE_DEMO="1", CRMBRIDGE_DATABASE_URL=url, CRMBRIDGE_SANDBOX_URL=demo_sandbox.base_url,
                    CRMBRIDGE_VAULT_KEYS=ring_json({TEST_KEK_ID: TEST_KEK}, TEST_KEK_ID),
                    CRMBRIDGE_SECRET_KEY=os.environ["CRMBRIDGE_SECRET_KEY"])
     assert "CRMBRIDGE_SANDBOX_CA_FILE" not in env

@@ -82,7 +82,7 @@ def test_sync_worker_with_a_same_id_wrong_key_exits_nonzero_and_changes_no_row(f
 
 @pytest.mark.parametrize("argv", [
     ["sync", "schedule"], ["vault", "sweep"], ["vault", "rotate-kek"], ["alerts", "run", "--no-deliver"],
-    ["demo", "load"],
+    ["demo", "load"], ["scheduler", "--once"],
 ])
 def test_every_vault_process_refuses_a_wrong_key(file_engine, vault_keys, argv, monkeypatch, capsys):
     from core.cli import main
