@@ -35,11 +35,12 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from pydantic import SecretStr
 from sqlalchemy import delete, func
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
@@ -86,6 +87,7 @@ from core.vault.models import (
 from core.vault.policy import DEFAULT_POLICY, Policy, from_row, get_policy
 
 log = logging.getLogger("crmbridge.vault")
+_T = TypeVar("_T")
 
 MAX_SECRET_BYTES = 64 * 1024
 PURPOSE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -650,18 +652,36 @@ def require_keys_at_start(engine: Engine | None = None, *, process: str, now: da
         KeyMissing, ConfigurationError.
     """
     try:
-        with session_scope(engine) as s:
-            return check_keys(s, now=now)
+        return _first_registration_retried(lambda: _check_in_own_session(engine, now))
     except ConfigurationError as exc:
         raise type(exc)(f"{process} refuses to start: {exc}") from None
+
+
+def _check_in_own_session(engine: Engine | None, now: datetime | None) -> KeyRing:
+    with session_scope(engine) as s:
+        return check_keys(s, now=now)
+
+
+def _first_registration_retried(start: Callable[[], _T]) -> _T:
+    """Processes started together on a new database (two schedulers, two consoles) may both register
+    the active key's check value: the loser's insert hits the primary key. The winner's row is then
+    there, so checking again verifies against it instead of failing the start."""
+    try:
+        return start()
+    except IntegrityError:
+        return start()
 
 
 def sweep_on_start(engine: Engine | None = None, *, now: datetime | None = None) -> SweepResult:
     """Console start-up: refuse to run on missing or wrong keys, then sweep. Commits."""
     now = resolve_now(now)
-    with session_scope(engine) as s:
-        check_keys(s, now=now)
-        return sweep(s, now=now, principal=Principal.system("console-start"))
+
+    def start() -> SweepResult:
+        with session_scope(engine) as s:
+            check_keys(s, now=now)
+            return sweep(s, now=now, principal=Principal.system("console-start"))
+
+    return _first_registration_retried(start)
 
 
 def destroy_for_mode_change(

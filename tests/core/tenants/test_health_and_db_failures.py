@@ -64,6 +64,7 @@ def test_healthz_writes_and_says_ok(client, app_db):
         assert conn.execute(text("SELECT checks FROM health_probe WHERE id = 1")).scalar_one() == 2
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.skipif(bool(PG_URL), reason="the full disk is simulated for the SQLite file (PostgreSQL's disk "
                     "belongs to its server process)")
 def test_full_disk_healthz_and_routes_say_what_failed(client, app_db):
