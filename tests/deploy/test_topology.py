@@ -191,6 +191,7 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
         "CRMBRIDGE_SECRET_KEY": secrets.token_urlsafe(32),
         "CRMBRIDGE_VAULT_KEYS": json.dumps(ring),
         "CRMBRIDGE_SANDBOX_CA_FILE": str(sandbox.ca_file),  # the CRMs' CA (here: the sandbox's)
+        "CRMBRIDGE_SANDBOX_URL": sandbox.base_url,  # the one non-vendor origin the URL policy lets through
         "CRMBRIDGE_SMTP_PORT": str(free_port()),
         "CRMBRIDGE_WORKER_POLL_SECONDS": "0.5",
         "CRMBRIDGE_SYNC_LEASE_SECONDS": str(SYNC_LEASE),
