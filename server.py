@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 from streamlit.runtime.pages_manager import PagesManager
 
-from core.http_guard import GuardMiddleware
+from core.http_guard import GuardMiddleware, inline_scripts
 from core.settings import get_settings
 from core.wiring import wire
 
@@ -38,10 +38,19 @@ def collect_routes() -> list[BaseRoute]:
     return routes
 
 
+def _streamlit_inline_scripts() -> list[str]:
+    """Streamlit's page runs inline scripts; the CSP allows exactly these by hash (core knows no UI)."""
+    try:
+        page = (Path(st.__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return inline_scripts(page)
+
+
 def middleware() -> list[Middleware]:
     """In front of every request, Streamlit's included: Host check, body limits, anti-framing + CSP,
     websocket Origin check (core.http_guard)."""
-    return [Middleware(GuardMiddleware)]
+    return [Middleware(GuardMiddleware, inline=_streamlit_inline_scripts())]
 
 
 def startup_checks() -> None:

@@ -21,8 +21,7 @@ import base64
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,19 +57,14 @@ def _script_hash(body: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
 
 
-def _streamlit_inline_scripts() -> list[str]:
-    try:
-        import streamlit
-
-        index = Path(streamlit.__file__).parent / "static" / "index.html"
-        text = index.read_text(encoding="utf-8")
-    except (ImportError, OSError):
-        return []
-    return re.findall(r"<script>(.*?)</script>", text, flags=re.S)
+def inline_scripts(html: str) -> list[str]:
+    """The inline ``<script>`` bodies of an HTML page, to allow by hash (the web layer passes the UI's page)."""
+    return re.findall(r"<script>(.*?)</script>", html, flags=re.S)
 
 
-def content_security_policy() -> str:
-    hashes = " ".join(_script_hash(s) for s in [*_streamlit_inline_scripts(), SAML_AUTOSUBMIT_SCRIPT])
+def content_security_policy(inline: Sequence[str] = ()) -> str:
+    """``inline``: the inline scripts the UI's own page runs (server.py passes Streamlit's): core knows no UI."""
+    hashes = " ".join(_script_hash(s) for s in [*inline, SAML_AUTOSUBMIT_SCRIPT])
     # 'unsafe-eval': Streamlit's bundle (protobuf decoding, charts) compiles functions at run time.
     # 'unsafe-inline' styles: Streamlit's emotion CSS-in-JS and the HTML routes' <style>.
     return "; ".join((
@@ -171,9 +165,9 @@ async def _db_failure_page(send: Send, what: str) -> None:
 class GuardMiddleware:
     """See the module docstring. ``csp`` is computed once per process."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, inline: Sequence[str] = ()) -> None:
         self.app = app
-        self.csp = content_security_policy().encode()
+        self.csp = content_security_policy(inline).encode()
 
     def _security_headers(self) -> list[tuple[bytes, bytes]]:
         return [
