@@ -22,15 +22,12 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -41,7 +38,7 @@ from sqlmodel import Session, col, select
 
 from core.db import make_engine
 from tests.conftest import requires_postgres
-from tests.fixtures.sandbox import SandboxHandle, start_sandbox
+from tests.fixtures.sandbox import SandboxHandle, free_port, start_sandbox, stop_sandbox, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ORG = "newco"  # data/demo/sandbox.yaml: NewCo's org, with an integration app for client credentials
@@ -59,24 +56,6 @@ INTERVALS = {  # job → (its setting, seconds under test)
 }
 SYNC_LEASE = 15  # seconds: a killed worker's job is taken over after this
 
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90.0, every: float = 0.3) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 @dataclass
@@ -205,12 +184,7 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
     finally:
         topo.stop_all()
         topo.engine.dispose()
-        sandbox.http.close()
-        sandbox.process.terminate()
-        try:
-            sandbox.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sandbox.process.kill()
+        stop_sandbox(sandbox)
         _drop(pg, name)
 
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -23,28 +21,8 @@ from core import migrate
 from core.db import make_engine
 from core.settings import ROOT, SANDBOX_CA_FILE, SANDBOX_TLS_DIR, Settings
 from tests.conftest import PG_URL
-from tests.fixtures.sandbox import SandboxHandle, start_sandbox
+from tests.fixtures.sandbox import SandboxHandle, free_port, start_sandbox, stop_sandbox, wait_for
 from tests.fixtures.vault import TEST_KEK, TEST_KEK_ID, ring_json
-
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90.0, every: float = 0.5) -> T:
-    """Poll ``probe`` until it returns something truthy (generous: the machine may be busy)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 def hand_env(**extra: str) -> dict[str, str]:
@@ -67,12 +45,7 @@ def demo_sandbox() -> Iterator[SandboxHandle]:
     try:
         yield handle
     finally:
-        handle.http.close()
-        handle.process.terminate()
-        try:
-            handle.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            handle.process.kill()
+        stop_sandbox(handle)
 
 
 def test_a_worker_typed_by_hand_in_demo_mode_reaches_the_sandbox(
