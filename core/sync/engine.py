@@ -64,10 +64,13 @@ from core.errors import (
 )
 from core.providers.base import Opportunity, OpportunityChange, Provider, PushResult
 from core.providers.config import AccountConfig, Credential
+from core.sync.health import fix_for
 from core.sync.jobs import DEFAULT_LEASE, Claim, LeaseLost, backoff_delay, claim_jobs, fence, release
 from core.sync.models import (
     APP_OWNED_FIELDS,
+    CREDENTIAL_PURPOSE,
     CRM_OWNED_FIELDS,
+    FAILING_AFTER,
     JobState,
     OutboxStatus,
     RunStatus,
@@ -87,8 +90,6 @@ log = logging.getLogger("crmbridge.sync")
 
 VIA_API_USER = "api-user"
 VIA_OWN = "own credentials"
-CREDENTIAL_PURPOSE = "crm-login"
-FAILING_AFTER = 3
 #: Per-record error codes worth another try on the next run (the record was busy, not wrong).
 RETRYABLE_RECORD_CODES = frozenset({"UNABLE_TO_LOCK_ROW", "REQUEST_RUNNING_TOO_LONG", "SERVER_UNAVAILABLE"})
 TRANSIENT = (ProviderUnavailable, MalformedResponse, SessionExpired)
@@ -348,8 +349,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def _error_fields(exc: BaseException) -> tuple[str, str | None, str | None]:
     """(message, code, fix) for the run row and the job; never a secret (our errors never hold one)."""
-    from core.sync.health import fix_for
-
     if isinstance(exc, CrmBridgeError):
         return exc.message[:2000], (exc.code or type(exc).__name__)[:80], fix_for(exc)
     return (f"Internal error in the sync worker ({type(exc).__name__}): see the worker log.",

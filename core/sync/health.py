@@ -40,11 +40,10 @@ from core.errors import (
     RecordError,
     SessionExpired,
 )
-from core.sync.models import JobState, SyncAccountState, SyncJob, SyncRun
+from core.sync.models import CREDENTIAL_PURPOSE, FAILING_AFTER, JobState, SyncAccountState, SyncJob, SyncRun
 from core.tenants.access import Principal
 from core.tenants.models import AppUser, CrmAccount
 
-FAILING_AFTER = 3
 EXPIRING_WITHIN = timedelta(days=7)
 MIN_LAG_LIMIT = timedelta(minutes=15)
 
@@ -217,8 +216,6 @@ def _credentials(session: Session, tenant_id: int, now: datetime) -> dict[tuple[
         from core.vault.service import list_credentials
     except ImportError:  # pragma: no cover - the vault ships with the product
         return {}
-    from core.sync.engine import CREDENTIAL_PURPOSE
-
     out: dict[tuple[int | None, int | None], tuple[str, datetime | None]] = {}
     for info in list_credentials(session, principal=Principal.system("sync-health"), tenant_id=tenant_id, now=now):
         if info.purpose != CREDENTIAL_PURPOSE:

@@ -31,6 +31,10 @@ CRM_OWNED_FIELDS: tuple[str, ...] = ("name", "stage", "amount", "close_date", "o
 #: Fields our app owns: kept in the mirror; on a conflict our value wins. Pushed to the CRM only when
 #: the account maps them to a CRM field (``settings_json["app_field_map"]``, e.g. {"next_step": "NextStep"}).
 APP_OWNED_FIELDS: tuple[str, ...] = ("next_step", "forecast_note", "priority")
+#: The vault purpose of a sync job's CRM login (the engine uses it, health reads its state).
+CREDENTIAL_PURPOSE = "crm-login"
+#: Failed runs in a row after which a job is "failing" (the engine flips it, health shows it).
+FAILING_AFTER = 3
 
 
 class JobState(StrEnum):

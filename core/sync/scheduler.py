@@ -22,8 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from core.clock import aware
-from core.sync.engine import CREDENTIAL_PURPOSE
-from core.sync.models import JobState, SyncJob
+from core.sync.models import CREDENTIAL_PURPOSE, JobState, SyncJob
 from core.tenants.access import Principal
 from core.tenants.audit import record_event
 from core.tenants.models import AppUser, AppUserCrmIdentity, CrmAccount, Tenant, TenantStatus

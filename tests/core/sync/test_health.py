@@ -74,3 +74,17 @@ def test_every_error_comes_with_a_fix() -> None:
     assert "retries by itself" in (fix_for(ProviderUnavailable("503")) or "")
     assert fix_for(ProviderUnavailable("503", fix="Check status.salesforce.com")) == "Check status.salesforce.com"
     assert fix_for(CrmBridgeError("odd")) is None
+
+
+def test_health_does_not_import_the_engine_it_serves() -> None:
+    """The engine uses health's ``fix_for``; health must not import the engine back (a module cycle
+    breaks ``import core.sync.health`` alone), not even inside a function."""
+    import ast
+    from pathlib import Path
+
+    import core.sync.health as health
+
+    tree = ast.parse(Path(health.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not imported & {"core.sync.engine", "core.sync.worker", "core.sync.service"}
