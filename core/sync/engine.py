@@ -44,7 +44,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from pydantic import SecretStr
-from sqlalchemy import case, update
+from sqlalchemy import text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -339,6 +339,23 @@ def _insert_ignore(s: Session, rows: list[dict[str, Any]]) -> Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table).values(rows).on_conflict_do_nothing()
+
+
+_PG_SET_CRM_IDS = text(
+    "UPDATE sync_opportunity AS m SET crm_id = v.crm_id FROM unnest(CAST(:ids AS integer[]), CAST(:crm_ids AS text[]))"
+    " AS v(id, crm_id) WHERE m.id = v.id AND m.crm_id IS NULL")
+_SET_CRM_ID = text("UPDATE sync_opportunity SET crm_id = :crm_id WHERE id = :id AND crm_id IS NULL")
+
+
+def _set_crm_ids(s: Session, pairs: Sequence[tuple[int, str | None]]) -> None:
+    """The new records' CRM ids into the mirror (rows that have none yet), ordered by row id: on
+    PostgreSQL one UPDATE … FROM unnest(ids, crm ids) — one short statement, the same text for any
+    batch size —; on SQLite (in-process, no round trips) one executemany."""
+    conn = s.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_PG_SET_CRM_IDS, {"ids": [i for i, _ in pairs], "crm_ids": [c for _, c in pairs]})
+    else:
+        conn.execute(_SET_CRM_ID, [{"id": i, "crm_id": c} for i, c in pairs])
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -730,7 +747,6 @@ class SyncEngine:
         mirror in one UPDATE, then one audit append for the whole batch (``record_events``)."""
         now = self.clock()
         outbox = SyncOutbox.__table__  # type: ignore[attr-defined]
-        mirror = SyncOpportunity.__table__  # type: ignore[attr-defined]
         with Session(self.engine, expire_on_commit=False) as s:
             fence(s, claim, now)
             by_id: dict[int, PushResult] = {e.id: r for e, r in zip(chunk, results, strict=True) if e.id is not None}
@@ -763,8 +779,7 @@ class SyncEngine:
                     stats.records_failed += 1
             new_ids = {row.opportunity_id: by_id[i].crm_id for i, row in applied.items() if by_id[i].crm_id}
             if new_ids:
-                s.execute(update(mirror).where(mirror.c.id.in_(sorted(new_ids)), mirror.c.crm_id.is_(None))
-                          .values(crm_id=case(new_ids, value=mirror.c.id)))
+                _set_crm_ids(s, sorted(new_ids.items()))
             stats.records_out += len(applied)
             write_paths: dict[int | None, str] = {i: r.write_path for i, r in by_id.items() if r.write_path}
             events = [(applied[i], by_id[i].crm_id, by_id[i].created, False) for i in sorted(applied)]
