@@ -741,8 +741,16 @@ class SoapHandler:
 
         results: list[dict[str, Any]] = []
         staged: list[tuple[str, dict[str, Any], bool]] = []
+        # The org's records by external id as they stand before this call (its own writes are staged
+        # until the end), built once per call instead of a scan of every record per upserted record.
+        by_key: dict[Any, list[dict[str, Any]]] = {}
+        if ext_field is not None and any(rid is None for _t, rid, _v, _n in parsed):
+            for r in org.opportunities.values():
+                k = r.get(ext_field)
+                if k:
+                    by_key.setdefault(k, []).append(r)
         for typ, rid, values, nulls in parsed:
-            res, change = self._apply(op, org, typ, rid, values, nulls, ext_field)
+            res, change = self._apply(op, org, typ, rid, values, nulls, ext_field, by_key)
             results.append(res)
             if change is not None:
                 staged.append(change)
@@ -772,7 +780,8 @@ class SoapHandler:
         return _soap(f"<{op}Response>{''.join(items)}</{op}Response>", org)
 
     def _apply(self, op: str, org: SfOrg, typ: str, rid: str | None, values: dict[str, Any], nulls: list[str],
-               ext_field: str | None) -> tuple[dict[str, Any], tuple[str, dict[str, Any], bool] | None]:
+               ext_field: str | None, by_key: dict[Any, list[dict[str, Any]]],
+               ) -> tuple[dict[str, Any], tuple[str, dict[str, Any], bool] | None]:
         def fail(code: str, msg: str, fields: list[str] | None = None) -> tuple[dict[str, Any], None]:
             return {"success": False, "id": None, "created": False, "errors": [(code, msg, fields or [])]}, None
 
@@ -804,7 +813,7 @@ class SoapHandler:
             key = values.get(ext_field)
             if not key:
                 return fail("REQUIRED_FIELD_MISSING", f"Required fields are missing: [{ext_field}]", [ext_field])
-            matches = [r for r in org.opportunities.values() if r.get(ext_field) == key]
+            matches = by_key.get(key, [])
             if len(matches) > 1:
                 return fail("DUPLICATE_EXTERNAL_ID", f"{ext_field}: more than one record found for external "
                             "id field", [ext_field])
