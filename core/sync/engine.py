@@ -343,14 +343,16 @@ def _insert_ignore(s: Session, rows: list[dict[str, Any]]) -> Any:
 
 _PG_SET_CRM_IDS = text(
     "UPDATE sync_opportunity AS m SET crm_id = v.crm_id FROM unnest(CAST(:ids AS integer[]), CAST(:crm_ids AS text[]))"
-    " AS v(id, crm_id) WHERE m.id = v.id AND m.crm_id IS NULL")
+    " AS v(id, crm_id) WHERE m.id = v.id AND m.id = ANY(CAST(:ids AS integer[])) AND m.crm_id IS NULL")
 _SET_CRM_ID = text("UPDATE sync_opportunity SET crm_id = :crm_id WHERE id = :id AND crm_id IS NULL")
 
 
 def _set_crm_ids(s: Session, pairs: Sequence[tuple[int, str | None]]) -> None:
     """The new records' CRM ids into the mirror (rows that have none yet), ordered by row id: on
     PostgreSQL one UPDATE … FROM unnest(ids, crm ids) — one short statement, the same text for any
-    batch size —; on SQLite (in-process, no round trips) one executemany."""
+    batch size; ``m.id = ANY(ids)`` keeps it on the primary key (joined on ``v.id`` alone the planner
+    hashes every mirror row without a CRM id: 95 ms a batch at 10,000 pending creates) —; on SQLite
+    (in-process, no round trips) one executemany."""
     conn = s.connection()
     if conn.dialect.name == "postgresql":
         conn.execute(_PG_SET_CRM_IDS, {"ids": [i for i, _ in pairs], "crm_ids": [c for _, c in pairs]})
