@@ -21,7 +21,7 @@ from core.settings import ROOT, get_settings
 from core.tenants.access import Principal
 from core.tenants.auth import hash_password
 from core.tenants.models import AppUser, AppUserCrmIdentity, ConsoleAccount, CrmAccount, Tenant
-from core.tenants.routes import DEMO_PASSWORD
+from core.accounts.routes import DEMO_PASSWORD
 
 log = logging.getLogger(__name__)
 DEMO_DIR = ROOT / "data" / "demo"

@@ -99,3 +99,10 @@ def html_page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
     resp.headers["X-Frame-Options"] = "DENY"
     resp.headers["Referrer-Policy"] = "no-referrer"
     return resp
+
+
+def safe_next(value: str | None) -> str:
+    """Only relative paths on this server (no scheme, no //host) may follow a sign-in."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value

@@ -13,9 +13,9 @@ from sqlmodel import Session, col, select
 
 from core.accounts import invitations, mfa, reset
 from core.accounts.models import ConsoleInvitation
-from core.alerts.channels import SmtpConfig, send_email
 from core.clock import utcnow
 from core.errors import AccessDenied, DeliveryFailed, NotFound
+from core.mail import SmtpConfig, send_email
 from core.tenants import auth
 from core.tenants.access import NOT_IN_SCOPE, Principal
 from core.tenants.audit import record_event
