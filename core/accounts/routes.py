@@ -20,10 +20,10 @@ from starlette.routing import BaseRoute, Route
 
 from core.accounts import invitations, mfa, reset
 from core.accounts.demo import demo_mfa_note
+from core.accounts.service import email_reset_link
 from core.accounts.signin import MFA_COOKIE, after_password, clear_mfa_cookie, enrolment_pending, lock_notifier
 from core.db import session_scope
 from core.errors import Conflict, DeliveryFailed, InvalidInput, LinkInvalid, SessionInvalid, SignInFailed
-from core.mail import SmtpConfig, send_email
 from core.settings import get_settings
 from core.tenants import auth
 from core.web import (
@@ -241,16 +241,9 @@ SENT = ("If an account exists for that address, we emailed it a link to choose a
 
 def _send_reset_mail(address: str, url: str) -> None:
     try:
-        send_email(SmtpConfig.from_settings(), to=[address], subject="Reset your CRM Bridge password",
-                   body=_reset_text(url))
+        email_reset_link(address, url)
     except DeliveryFailed as exc:
         log.warning("password reset email not sent: %s", exc.message)
-
-
-def _reset_text(url: str) -> str:
-    from core.accounts.service import reset_email_text
-
-    return reset_email_text(url)
 
 
 async def reset_request_get(request: Request) -> Response:

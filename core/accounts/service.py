@@ -145,9 +145,18 @@ def send_password_reset(
     """Email a reset link to the account's own address (the admin never sees the link). Returns the
     address. Raises DeliveryFailed (nothing is kept: the caller's transaction rolls back)."""
     address, url = reset.admin_reset_link(session=session, principal=principal, account_id=account_id, now=now)
+    email_reset_link(address, url, smtp=smtp, now=now)
+    return address
+
+
+def email_reset_link(address: str, url: str, *, smtp: SmtpConfig | None = None, now: datetime | None = None) -> None:
+    """The password-reset email (asked for by the account holder on /auth/reset, or sent by an admin).
+
+    Raises:
+        DeliveryFailed: the mail server could not be reached or refused it.
+    """
     send_email(smtp or SmtpConfig.from_settings(), to=[address], subject="Reset your CRM Bridge password",
                body=reset_email_text(url), now=now)
-    return address
 
 
 def _get_in_scope(session: Session, principal: Principal, account_id: int) -> ConsoleAccount:
