@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Any
 
 from core.posture.maturity import LEVELS
@@ -209,7 +210,8 @@ class AdoptionReport:
         return d
 
 
-def _crm_label(editions: Iterable[tuple[str, str]]) -> str:
+@lru_cache(maxsize=1024)  # a few distinct CRM mixes across thousands of tenants
+def _crm_label(editions: tuple[tuple[str, str], ...]) -> str:
     return ", ".join(sorted({f"{p} {e}" for p, e in editions}))
 
 
