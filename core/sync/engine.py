@@ -44,6 +44,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from pydantic import SecretStr
+from sqlalchemy import select as sa_select
 from sqlalchemy import text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -655,12 +656,15 @@ class SyncEngine:
 
     # -------------------------------------------------------------------------------- push
     def _push(self, ctx: JobContext, claim: Claim, provider: Provider, stats: RunStats) -> None:
+        outbox = SyncOutbox.__table__  # type: ignore[attr-defined]
         with Session(self.engine, expire_on_commit=False) as s:  # read only: no fence needed
-            stmt = select(SyncOutbox).where(SyncOutbox.crm_account_id == ctx.crm_account_id,
-                                            SyncOutbox.status == OutboxStatus.pending.value)
+            # Plain rows with the outbox's columns, not ORM objects: nothing here is written through the
+            # unit of work (the results go in set-based statements), so no identity map to fill.
+            stmt = sa_select(outbox).where(outbox.c.crm_account_id == ctx.crm_account_id,
+                                           outbox.c.status == OutboxStatus.pending.value)
             if ctx.per_user:
-                stmt = stmt.where(SyncOutbox.actor_app_user_id == ctx.app_user_id)
-            entries = list(s.exec(stmt.order_by(col(SyncOutbox.id))))
+                stmt = stmt.where(outbox.c.actor_app_user_id == ctx.app_user_id)
+            entries: list[Any] = list(s.connection().execute(stmt.order_by(outbox.c.id)))
             opp_ids = sorted({e.opportunity_id for e in entries})
             crm_id_of: dict[int, str | None] = {}
             for start in range(0, len(opp_ids), 2000):
@@ -672,8 +676,8 @@ class SyncEngine:
         remaining = entries
         batch_size = max(1, int(getattr(provider, "max_write_batch", 200) or 200))
         while remaining:
-            current: list[SyncOutbox] = []
-            deferred: list[SyncOutbox] = []
+            current: list[Any] = []
+            deferred: list[Any] = []
             seen: set[int] = set()
             creating = {e.opportunity_id for e in remaining if e.operation == "create"}
             for e in remaining:
@@ -706,7 +710,7 @@ class SyncEngine:
                 self._apply_results(ctx, claim, chunk, results, stats)
             remaining = deferred
 
-    def _change(self, ctx: JobContext, e: SyncOutbox, crm_id: str | None) -> OpportunityChange:
+    def _change(self, ctx: JobContext, e: Any, crm_id: str | None) -> OpportunityChange:
         fields: dict[str, Any] = {}
         for f, v in loads(e.fields_json).items():
             if f in CRM_OWNED_FIELDS:
@@ -721,27 +725,24 @@ class SyncEngine:
             attribution=e.actor_label if ctx.attribution_enabled and not ctx.per_user else None,
         )
 
-    def _push_failed(self, ctx: JobContext, claim: Claim, chunk: Sequence[SyncOutbox], exc: BaseException) -> None:
-        """A whole batch failed (5xx, timeout, rate limit…): count the attempt on each row, keep it pending."""
+    def _push_failed(self, ctx: JobContext, claim: Claim, chunk: Sequence[Any], exc: BaseException) -> None:
+        """A whole batch failed (5xx, timeout, rate limit…): count the attempt on each row still pending
+        (one UPDATE for the batch), keep it pending."""
         message, code, _ = _error_fields(exc)
         now = self.clock()
+        outbox = SyncOutbox.__table__  # type: ignore[attr-defined]
         try:
             with Session(self.engine, expire_on_commit=False) as s:
                 fence(s, claim, now)
-                for e in chunk:
-                    row = s.get(SyncOutbox, e.id)
-                    if row is None or row.status != OutboxStatus.pending:
-                        continue
-                    row.attempts += 1
-                    row.last_error = message
-                    row.last_error_code = code
-                    row.updated_at = now
-                    s.add(row)
+                s.execute(update(outbox).where(outbox.c.id.in_(sorted(e.id for e in chunk)),
+                                               outbox.c.status == OutboxStatus.pending.value)
+                          .values(attempts=outbox.c.attempts + 1, last_error=message, last_error_code=code,
+                                  updated_at=now))
                 s.commit()
         except LeaseLost:
             pass
 
-    def _apply_results(self, ctx: JobContext, claim: Claim, chunk: Sequence[SyncOutbox],
+    def _apply_results(self, ctx: JobContext, claim: Claim, chunk: Sequence[Any],
                        results: Sequence[PushResult], stats: RunStats) -> None:
         """Commit one batch's results in one transaction of a few set-based statements: the applied
         outbox rows in one UPDATE (only rows still pending: a row resolved meanwhile is left alone and
