@@ -228,6 +228,30 @@ def test_a_push_whose_answer_was_lost_is_confirmed_by_the_next_pull_not_applied_
     assert len(events(w, "opportunity.update")) == 1 and len(events(w, "opportunity.create")) == 1
 
 
+def test_a_write_batch_the_crm_refused_counts_one_attempt_on_each_of_its_changes_and_keeps_them(
+    sync_world: SyncWorld,
+) -> None:
+    """The user sees on each change why it has not reached the CRM yet, and that it will be retried."""
+    w = sync_world
+    schedule(w)
+    run(w)
+    first, second = change(w, 0, name="One", stage="Prospecting"), change(w, 1, name="Two", stage="Prospecting")
+    w.crm.fail("push", ProviderUnavailable("Salesforce answered HTTP 503 while writing opportunities"))
+    w.clock.advance(minutes=10)
+    [r] = run(w)
+    assert r.status == RunStatus.failed
+    rows = {o.idempotency_key: o for o in outbox(w)}
+    for key in (first.idempotency_key, second.idempotency_key):
+        assert rows[key].status == OutboxStatus.pending and rows[key].attempts == 1
+        assert "HTTP 503" in (rows[key].last_error or "")
+    assert events(w, "opportunity.create") == []
+    w.clock.advance(hours=2)
+    [r2] = run(w)
+    assert r2.status == RunStatus.success and r2.stats.records_out == 2
+    rows = {o.idempotency_key: o for o in outbox(w)}
+    assert all(o.status == OutboxStatus.applied and o.attempts == 2 and o.last_error is None for o in rows.values())
+
+
 def test_transient_failures_back_off_with_seeded_jitter_and_fail_only_after_three(sync_world: SyncWorld) -> None:
     w = sync_world
     [j] = schedule(w)
