@@ -60,9 +60,12 @@ from starlette.applications import Starlette  # noqa: E402
 
 import core.models  # noqa: E402,F401
 from core.db import get_engine, session_scope  # noqa: E402
-from core.sso import service  # noqa: E402
+from core.sso.common import idp_config  # noqa: E402
 from core.sso.lint import lint_metadata  # noqa: E402
+from core.sso.metadata import apply_import  # noqa: E402
+from core.sso.models import SsoConfig  # noqa: E402
 from core.sso.routes import binding_cookie_name, binding_value, routes  # noqa: E402
+from core.sso.signin import start_login  # noqa: E402
 from core.sso.sp import (  # noqa: E402
     build_settings_dict,
     cached_schema,
@@ -128,12 +131,12 @@ def setup(idp: SamlIdp) -> tuple[int, Any]:
         s.add(t)
         s.flush()
         s.add(ConsoleAccount(email="admin@bigcorp.example", role="tenant_admin", tenant_id=t.id, name="Bea"))
-        service.apply_import(session=s, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"))  # type: ignore[arg-type]
+        apply_import(session=s, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"))  # type: ignore[arg-type]
         tenant_id = t.id
     with session_scope() as s:
-        config = s.exec(select(service.SsoConfig).where(service.SsoConfig.tenant_id == tenant_id)).one()
+        config = s.exec(select(SsoConfig).where(SsoConfig.tenant_id == tenant_id)).one()
         # The same settings our ACS builds (strict), prebuilt once: python3-saml's best case.
-        d = build_settings_dict(sp=sp_endpoints("bigcorp"), idp=service.idp_config(config))
+        d = build_settings_dict(sp=sp_endpoints("bigcorp"), idp=idp_config(config))
         d["security"]["authnRequestsSigned"] = False
         settings = make_settings(d)
     return tenant_id, settings  # type: ignore[return-value]
@@ -142,7 +145,7 @@ def setup(idp: SamlIdp) -> tuple[int, Any]:
 def fresh_response(idp: SamlIdp) -> tuple[str, str]:
     """A new AuthnRequest from the console and the IdP's signed answer to it."""
     with session_scope() as s:
-        start = service.start_login(session=s, tenant_slug="bigcorp", relay_state="/")
+        start = start_login(session=s, tenant_slug="bigcorp", relay_state="/")
     ep = sp_endpoints("bigcorp")
     b64 = idp.issue_response("bigcorp", email="admin@bigcorp.example", acs_url=ep.acs_url, audience=ep.entity_id,
                              in_response_to=start.request_id)

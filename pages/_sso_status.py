@@ -6,7 +6,7 @@ import streamlit as st
 
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.sso.service import get_status
+from core.sso.metadata import get_status
 from core.tenants.service import get_tenant
 from pages._common import ago, md, md_code, principal, show_error
 

@@ -12,7 +12,10 @@ import streamlit as st
 from core.clock import utcnow
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.sso import service
+from core.sso.keys import complete_sp_rollover, sp_metadata, start_sp_rollover
+from core.sso.metadata import apply_import, fetch_document, get_status, preview_import, set_idp_initiated
+from core.sso.testlogin import check_pasted_response, list_traces
+from core.sso.watch import certificate_timeline, watch_certificates
 from core.tenants.service import get_tenant, get_tenant_by_slug
 from pages._common import ago, md, md_code, principal, selected_tenant_id, show_error
 
@@ -89,7 +92,7 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
                             help="Fetched with a 5 s, 5 MB and 3-redirect limit, from public addresses only.")
         if st.button("Fetch", key="sso_fetch", disabled=not url):
             try:
-                res = service.fetch_document(url)
+                res = fetch_document(url)
                 st.session_state[IMPORT_KEY] = {"data": res.body, "source": "url", "url": res.final_url,
                                                 "name": res.final_url}
             except CrmBridgeError as exc:
@@ -101,7 +104,7 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
     entity = st.text_input("IdP entity ID (only for an aggregate with several IdPs)", key="sso_entity_id") or None
     try:
         with session_scope() as s:
-            preview = service.preview_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
+            preview = preview_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
                                              entity_id=entity)
     except CrmBridgeError as exc:
         show_error(exc)
@@ -114,7 +117,7 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
     if st.button(label, key="sso_apply", type="primary", disabled=not preview.report.usable):
         try:
             with session_scope() as s:
-                service.apply_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
+                apply_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
                                      entity_id=entity, source=pending["source"], source_url=pending["url"])
             st.session_state.pop(IMPORT_KEY, None)
             st.session_state["sso_flash"] = "IdP configuration saved. Run a test login next."
@@ -139,7 +142,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
         if st.button("Prepare SP metadata", key="sso_sp_md"):
             try:
                 with session_scope() as s:
-                    st.session_state["sso_sp_xml"] = service.sp_metadata(session=s, tenant_slug=slug)
+                    st.session_state["sso_sp_xml"] = sp_metadata(session=s, tenant_slug=slug)
             except CrmBridgeError as exc:
                 show_error(exc)
         if st.session_state.get("sso_sp_xml"):
@@ -151,7 +154,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
                                               help="Publishes a new SP certificate beside the current one."):
             try:
                 with session_scope() as s:
-                    service.start_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
+                    start_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
                 st.rerun()
             except CrmBridgeError as exc:
                 show_error(exc)
@@ -160,7 +163,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
                                           help="Signs with the new key and stops publishing the old one."):
             try:
                 with session_scope() as s:
-                    service.complete_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
+                    complete_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
                 st.rerun()
             except CrmBridgeError as exc:
                 show_error(exc)
@@ -169,7 +172,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
 def _traces(p: Any, tenant_id: int) -> None:
     try:
         with session_scope() as s:
-            traces = service.list_traces(session=s, principal=p, tenant_id=tenant_id, limit=10)
+            traces = list_traces(session=s, principal=p, tenant_id=tenant_id, limit=10)
     except CrmBridgeError as exc:
         show_error(exc)
         return
@@ -196,8 +199,8 @@ def _timeline(p: Any, tenant_id: int) -> None:
     st.subheader("Certificate timeline")
     try:
         with session_scope() as s:
-            entries = service.certificate_timeline(session=s, principal=p, tenant_id=tenant_id)
-            findings = service.watch_certificates(session=s, principal=p, tenant_id=tenant_id, record=False)
+            entries = certificate_timeline(session=s, principal=p, tenant_id=tenant_id)
+            findings = watch_certificates(session=s, principal=p, tenant_id=tenant_id, record=False)
     except CrmBridgeError as exc:
         show_error(exc)
         return
@@ -243,7 +246,7 @@ if tenant_id is None:
 try:
     with session_scope() as s:
         tenant = get_tenant(session=s, principal=p, tenant_id=tenant_id)
-        status = service.get_status(session=s, principal=p, tenant_id=tenant_id)
+        status = get_status(session=s, principal=p, tenant_id=tenant_id)
 except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
@@ -281,7 +284,7 @@ def _check_pasted(p: Any, tenant_id: int) -> None:
     st.session_state["sso_paste"] = ""
     try:
         with session_scope() as s:
-            trace = service.check_pasted_response(session=s, principal=p, tenant_id=tenant_id, saml_response=pasted)
+            trace = check_pasted_response(session=s, principal=p, tenant_id=tenant_id, saml_response=pasted)
         st.session_state["sso_paste_result"] = (trace.ok, "The response is valid for this configuration." if trace.ok
                                                 else (trace.error or "Invalid."))
     except CrmBridgeError as exc:
@@ -304,7 +307,7 @@ if p.is_staff and status.configured:
     if allowed != status.allow_idp_initiated:
         try:
             with session_scope() as s:
-                service.set_idp_initiated(session=s, principal=p, tenant_id=tenant_id, allowed=allowed)
+                set_idp_initiated(session=s, principal=p, tenant_id=tenant_id, allowed=allowed)
             st.rerun()
         except CrmBridgeError as exc:
             show_error(exc)

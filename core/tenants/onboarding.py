@@ -121,7 +121,7 @@ def _check_users(session: Session, tenant: Tenant) -> tuple[bool, str]:
 
 
 def _check_sso_default(session: Session, tenant: Tenant) -> tuple[bool, str]:
-    from core.sso.service import sso_summary  # sso depends on tenants, not the reverse: import on use
+    from core.sso.metadata import sso_summary  # sso depends on tenants, not the reverse: import on use
     summary = sso_summary(session=session, principal=Principal.system("onboarding"), tenant_id=tenant.id)  # type: ignore[arg-type]
     if not summary["configured"]:
         return False, "no IdP metadata imported yet: import it on the SSO page"

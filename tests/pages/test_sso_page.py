@@ -10,7 +10,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from core.db import session_scope
-from core.sso import service
+from core.sso.authn import _settings_cache
+from core.sso.keys import _metadata_cache
+from core.sso.metadata import apply_import
 from core.sso.models import SsoConfig, SsoTrace
 from core.sso.sp import sp_endpoints
 from core.tenants.access import Principal
@@ -29,8 +31,8 @@ def page_idp() -> SamlIdp:
 
 @pytest.fixture
 def tenants(app_db: Engine, vault_keys: Any) -> dict[str, int]:
-    service._settings_cache.clear()
-    service._metadata_cache.clear()
+    _settings_cache.clear()
+    _metadata_cache.clear()
     with session_scope(app_db) as s:
         out = {}
         for slug, name in (("bigcorp", "BigCorp"), ("newco", "NewCo")):
@@ -92,7 +94,7 @@ def test_unusable_upload_cannot_be_imported_and_shows_fixes(app_db: Engine, tena
 
 def test_reimport_shows_the_diff_before_replacing(app_db: Engine, tenants: dict[str, int], page_idp: SamlIdp) -> None:
     with session_scope(app_db) as s:
-        service.apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
                              data=page_idp.metadata_xml("bigcorp"))
     other = page_idp.metadata_xml("newco").replace(b"idp:newco", b"idp:bigcorp")
     admin = _admin(tenants)
@@ -117,9 +119,9 @@ def test_tenant_admin_sees_own_tenant_only_and_checks_a_pasted_response(
     app_db: Engine, tenants: dict[str, int], page_idp: SamlIdp
 ) -> None:
     with session_scope(app_db) as s:
-        service.apply_import(session=s, principal=STAFF, tenant_id=tenants["newco"],
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["newco"],
                              data=page_idp.metadata_xml("newco"))
-        service.apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
                              data=page_idp.metadata_xml("bigcorp"))
     admin = _admin(tenants)
     at = run_page("sso.py", admin, tenant_id=tenants["newco"])  # a forged picker value is ignored
@@ -143,7 +145,7 @@ def test_tenant_admin_sees_own_tenant_only_and_checks_a_pasted_response(
 
 def test_only_staff_can_allow_idp_initiated(app_db: Engine, tenants: dict[str, int], page_idp: SamlIdp) -> None:
     with session_scope(app_db) as s:
-        service.apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
                              data=page_idp.metadata_xml("bigcorp"))
     at = run_page("sso.py", _admin(tenants))
     assert not [t for t in at.toggle if t.key == "sso_idp_init"]

@@ -165,7 +165,7 @@ def test_response_for_another_tenant_is_refused(sso_world: SsoWorld) -> None:
 
 def test_idp_initiated_response_refused_without_opt_in_and_replay_refused_with_it(sso_world: SsoWorld) -> None:
     from core.db import session_scope
-    from core.sso.service import set_idp_initiated
+    from core.sso.metadata import set_idp_initiated
     from tests.core.sso.conftest import staff_principal
 
     w = sso_world
@@ -191,17 +191,18 @@ def test_replay_refused_across_replicas(sso_world: SsoWorld) -> None:
     from starlette.testclient import TestClient
 
     from core.db import session_scope
-    from core.sso import service
+    from core.sso.authn import _settings_cache
+    from core.sso.metadata import set_idp_initiated
     from core.sso.routes import routes
     from tests.core.sso.conftest import staff_principal
 
     w = sso_world
     w.import_idp("bigcorp")
     with session_scope(w.engine) as s:
-        service.set_idp_initiated(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id, allowed=True)  # type: ignore[arg-type]
+        set_idp_initiated(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id, allowed=True)  # type: ignore[arg-type]
     data = _response(w, irt=None)
     assert w.console.post("/sso/bigcorp/acs", data=data, follow_redirects=False).status_code == 303
-    service._settings_cache.clear()  # the other replica has its own process memory
+    _settings_cache.clear()  # the other replica has its own process memory
     with TestClient(Starlette(routes=routes), base_url=CONSOLE) as replica:
         r = replica.post("/sso/bigcorp/acs", data=data, follow_redirects=False)
     assert r.status_code == 403 and "already used" in r.text
