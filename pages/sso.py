@@ -105,7 +105,7 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
     try:
         with session_scope() as s:
             preview = preview_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
-                                             entity_id=entity)
+                                     entity_id=entity)
     except CrmBridgeError as exc:
         show_error(exc)
         return
@@ -118,7 +118,7 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
         try:
             with session_scope() as s:
                 apply_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
-                                     entity_id=entity, source=pending["source"], source_url=pending["url"])
+                             entity_id=entity, source=pending["source"], source_url=pending["url"])
             st.session_state.pop(IMPORT_KEY, None)
             st.session_state["sso_flash"] = "IdP configuration saved. Run a test login next."
             st.rerun()

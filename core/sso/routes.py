@@ -214,9 +214,9 @@ async def acs(request: Request) -> Response:
     def work() -> AcsOutcome:
         with session_scope() as s:
             return consume_response(session=s, tenant_slug=slug, saml_response=saml_response,
-                                            relay_state=relay if isinstance(relay, str) else None,
-                                            started_here=_started_here(request),
-                                            source=client_address(request))
+                                    relay_state=relay if isinstance(relay, str) else None,
+                                    started_here=_started_here(request),
+                                    source=client_address(request))
 
     try:
         outcome = await run_in_threadpool(work)

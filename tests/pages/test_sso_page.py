@@ -95,7 +95,7 @@ def test_unusable_upload_cannot_be_imported_and_shows_fixes(app_db: Engine, tena
 def test_reimport_shows_the_diff_before_replacing(app_db: Engine, tenants: dict[str, int], page_idp: SamlIdp) -> None:
     with session_scope(app_db) as s:
         apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
-                             data=page_idp.metadata_xml("bigcorp"))
+                     data=page_idp.metadata_xml("bigcorp"))
     other = page_idp.metadata_xml("newco").replace(b"idp:newco", b"idp:bigcorp")
     admin = _admin(tenants)
     at = run_page("sso.py", admin, sso_import={"data": other, "source": "upload", "url": None, "name": "new.xml"})
@@ -120,9 +120,9 @@ def test_tenant_admin_sees_own_tenant_only_and_checks_a_pasted_response(
 ) -> None:
     with session_scope(app_db) as s:
         apply_import(session=s, principal=STAFF, tenant_id=tenants["newco"],
-                             data=page_idp.metadata_xml("newco"))
+                     data=page_idp.metadata_xml("newco"))
         apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
-                             data=page_idp.metadata_xml("bigcorp"))
+                     data=page_idp.metadata_xml("bigcorp"))
     admin = _admin(tenants)
     at = run_page("sso.py", admin, tenant_id=tenants["newco"])  # a forged picker value is ignored
     text = page_text(at)
@@ -146,7 +146,7 @@ def test_tenant_admin_sees_own_tenant_only_and_checks_a_pasted_response(
 def test_only_staff_can_allow_idp_initiated(app_db: Engine, tenants: dict[str, int], page_idp: SamlIdp) -> None:
     with session_scope(app_db) as s:
         apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
-                             data=page_idp.metadata_xml("bigcorp"))
+                     data=page_idp.metadata_xml("bigcorp"))
     at = run_page("sso.py", _admin(tenants))
     assert not [t for t in at.toggle if t.key == "sso_idp_init"]
     at = run_page("sso.py", STAFF, tenant_id=tenants["bigcorp"])

@@ -89,7 +89,7 @@ class SsoWorld:
         tenant_id = self.bigcorp.id if slug == "bigcorp" else self.acme.id
         with session_scope(self.engine) as s:
             apply_import(session=s, principal=staff_principal(), tenant_id=tenant_id,  # type: ignore[arg-type]
-                                 data=self.idp.metadata_xml(idp_tenant or slug), **kw)
+                         data=self.idp.metadata_xml(idp_tenant or slug), **kw)
 
     def token_for(self, email: str) -> str:
         from core.tenants.auth import start_session

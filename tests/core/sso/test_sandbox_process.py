@@ -52,7 +52,7 @@ def test_sign_in_through_the_running_sandbox_idp(sso_world: SsoWorld, sandbox: S
 
     with session_scope(w.engine) as s:
         apply_import(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id, data=metadata,  # type: ignore[arg-type]
-                             source="url", source_url=sandbox.url("/idp/bigcorp/metadata"))
+                     source="url", source_url=sandbox.url("/idp/bigcorp/metadata"))
     # The IdP registers our SP from our metadata, as a real IdP's admin would.
     sp_md = w.console.get("/sso/bigcorp/metadata").content
     assert sandbox.http.put("/idp/bigcorp/sp-metadata", content=sp_md).status_code == 200

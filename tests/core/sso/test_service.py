@@ -49,7 +49,7 @@ def test_import_then_rejected_reimport_keeps_the_configuration(session: Session,
                                                                clock: FrozenClock) -> None:
     t = make_tenant(session, "bigcorp")
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"),  # type: ignore[arg-type]
-                         now=clock())
+                 now=clock())
     session.commit()
     before = _config(session, t).model_dump()
     broken = (b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><md:EntityDescriptor '
@@ -69,7 +69,7 @@ def test_reimport_shows_a_diff_and_resets_tested(session: Session, vault_keys: A
                                                  clock: FrozenClock) -> None:
     t = make_tenant(session, "bigcorp")
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"),  # type: ignore[arg-type]
-                         now=clock())
+                 now=clock())
     cfg = _config(session, t)
     cfg.tested_at, cfg.last_test_ok = clock(), True
     session.commit()
@@ -91,7 +91,7 @@ def test_reimport_shows_a_diff_and_resets_tested(session: Session, vault_keys: A
     assert json.loads(ev.details)["diff"]["certs_removed"]
     with pytest.raises(AccessDenied):
         preview_import(session=session, principal=admin_of(make_tenant(session, "acme")), tenant_id=t.id,  # type: ignore[arg-type]
-                               data=other)
+                       data=other)
 
 
 def test_every_signing_certificate_is_trusted_during_an_idp_rollover(
@@ -128,7 +128,7 @@ def test_encrypted_assertions_decrypt_with_the_vaulted_sp_key_during_an_sp_rollo
 ) -> None:
     t = make_tenant(session, "bigcorp")
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"),  # type: ignore[arg-type]
-                         now=clock())
+                 now=clock())
     keys = start_sp_rollover(session=session, principal=STAFF, tenant_id=t.id, now=clock())  # type: ignore[arg-type]
     session.commit()
     assert sorted(k.state for k in keys) == ["active", "next"]
@@ -215,12 +215,12 @@ def test_pasted_response_is_checked_without_consuming_anything(session: Session,
     t = make_tenant(session, "bigcorp")
     session.add(ConsoleAccount(email="admin@bigcorp.example", role="tenant_admin", tenant_id=t.id))
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"),  # type: ignore[arg-type]
-                         now=clock())
+                 now=clock())
     ep = sp_endpoints("bigcorp")
     good = idp.issue_response("bigcorp", email="admin@bigcorp.example", acs_url=ep.acs_url, audience=ep.entity_id,
                               in_response_to="ONELOGIN_captured", now=clock())
     trace = check_pasted_response(session=session, principal=admin_of(t), tenant_id=t.id,  # type: ignore[arg-type]
-                                          saml_response=good, now=clock())
+                                  saml_response=good, now=clock())
     assert trace.ok and trace.source == "paste"
     checks = {c["name"]: c for c in json.loads(trace.checks_json)}
     assert checks["Answers a request CRM Bridge sent"]["ok"] is False
@@ -228,7 +228,7 @@ def test_pasted_response_is_checked_without_consuming_anything(session: Session,
     wrong = idp.issue_response("bigcorp", email="a@bigcorp.example", acs_url="https://elsewhere.example/acs",
                                audience="https://elsewhere.example/sp", in_response_to=None, now=clock())
     bad = check_pasted_response(session=session, principal=admin_of(t), tenant_id=t.id,  # type: ignore[arg-type]
-                                        saml_response=wrong, now=clock())
+                                saml_response=wrong, now=clock())
     assert not bad.ok and "ACS" in (bad.error or "")
     assert session.exec(select(func.count()).select_from(ConsoleSession)).one() == 0
     assert _config(session, t).tested_at is None
@@ -241,7 +241,7 @@ def test_certificate_watch_thresholds_and_audit_events(session: Session, vault_k
     aging = SamlIdp(base_url="https://sandbox.test", tenants=("bigcorp",),
                     clock=lambda: clock() - timedelta(days=344, hours=12))  # cert: 365 days from then
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=aging.metadata_xml("bigcorp"),  # type: ignore[arg-type]
-                         now=clock())
+                 now=clock())
     system = Principal.system("scheduler")
 
     def watch() -> list[CertFinding]:
@@ -268,7 +268,7 @@ def test_status_and_summary_for_posture(session: Session, vault_keys: Any, idp: 
     t = make_tenant(session, "bigcorp")
     assert sso_summary(session=session, principal=STAFF, tenant_id=t.id)["configured"] is False  # type: ignore[arg-type]
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"),  # type: ignore[arg-type]
-                         now=clock())
+                 now=clock())
     st = get_status(session=session, principal=admin_of(t), tenant_id=t.id)  # type: ignore[arg-type]
     assert st.configured and not st.tested
     assert st.sp.acs_url == f"{CONSOLE}/sso/bigcorp/acs" and st.sp.entity_id == f"{CONSOLE}/sso/bigcorp/metadata"
@@ -284,7 +284,7 @@ def test_replay_keys_are_kept_until_they_expire_then_purged(session: Session, va
     t = make_tenant(session, "bigcorp")
     session.add(ConsoleAccount(email="admin@bigcorp.example", role="tenant_admin", tenant_id=t.id))
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"),  # type: ignore[arg-type]
-                         now=clock())
+                 now=clock())
     ep = sp_endpoints("bigcorp")
     start = start_login(session=session, tenant_slug="bigcorp", now=clock())
     b64 = idp.issue_response("bigcorp", email="admin@bigcorp.example", acs_url=ep.acs_url, audience=ep.entity_id,
