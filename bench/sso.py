@@ -61,6 +61,7 @@ from starlette.applications import Starlette  # noqa: E402
 import core.models  # noqa: E402,F401
 from core.db import get_engine, session_scope  # noqa: E402
 from core.sso.common import idp_config  # noqa: E402
+from core.sso.keys import ensure_sp_keys  # noqa: E402
 from core.sso.lint import lint_metadata  # noqa: E402
 from core.sso.metadata import apply_import  # noqa: E402
 from core.sso.models import SsoConfig  # noqa: E402
@@ -132,6 +133,7 @@ def setup(idp: SamlIdp) -> tuple[int, Any]:
         s.flush()
         s.add(ConsoleAccount(email="admin@bigcorp.example", role="tenant_admin", tenant_id=t.id, name="Bea"))
         apply_import(session=s, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"))  # type: ignore[arg-type]
+        ensure_sp_keys(session=s, principal=STAFF, tenant_id=t.id)  # type: ignore[arg-type]
         tenant_id = t.id
     with session_scope() as s:
         config = s.exec(select(SsoConfig).where(SsoConfig.tenant_id == tenant_id)).one()

@@ -12,7 +12,7 @@ import streamlit as st
 from core.clock import utcnow
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.sso.keys import complete_sp_rollover, sp_metadata, start_sp_rollover
+from core.sso.keys import complete_sp_rollover, ensure_sp_keys, sp_metadata, start_sp_rollover
 from core.sso.metadata import apply_import, fetch_document, get_status, preview_import, set_idp_initiated
 from core.sso.testlogin import check_pasted_response, list_traces
 from core.sso.watch import certificate_timeline, watch_certificates
@@ -119,8 +119,11 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
             with session_scope() as s:
                 apply_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
                              entity_id=entity, source=pending["source"], source_url=pending["url"])
+                # The IdP needs our SP metadata (and its certificate) next: generate the keys now.
+                keys = ensure_sp_keys(session=s, principal=p, tenant_id=tenant_id)
             st.session_state.pop(IMPORT_KEY, None)
-            st.session_state["sso_flash"] = "IdP configuration saved. Run a test login next."
+            st.session_state["sso_flash"] = ("IdP configuration saved" + ("; SP keys ready" if keys else "")
+                                             + ". Give the IdP our SP metadata, then run a test login.")
             st.rerun()
         except CrmBridgeError as exc:
             show_error(exc)
@@ -137,6 +140,17 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
     if sp.certs:
         st.dataframe([{"SP key": c["state"], "SHA-256": c["sha256"][:16] + "…", "Valid until": _date(c["not_after"])}
                       for c in sp.certs], hide_index=True, width="stretch")
+    if not sp.certs:
+        st.info("CRM Bridge has no SP keys for this tenant yet. Generate them before giving the IdP our SP "
+                "metadata: the IdP trusts their certificate for signed requests and encrypts assertions to it.")
+        if st.button("Generate SP keys", key="sso_sp_keys", type="primary"):
+            try:
+                with session_scope() as s:
+                    ensure_sp_keys(session=s, principal=p, tenant_id=tenant_id)
+                st.rerun()
+            except CrmBridgeError as exc:
+                show_error(exc)
+        return
     col1, col2, col3 = st.columns(3)
     with col1:
         if st.button("Prepare SP metadata", key="sso_sp_md"):

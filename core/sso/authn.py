@@ -13,6 +13,7 @@ from typing import Any
 from onelogin.saml2.settings import OneLogin_Saml2_Settings
 from sqlmodel import Session
 
+from core.errors import NotFound
 from core.settings import get_settings
 from core.sso.common import ACS_PRINCIPAL, PURPOSE_TEST, idp_config
 from core.sso.keys import active_key, private_keys, published_keys
@@ -70,6 +71,10 @@ def start_authn(
     to_idp = relay_state if send_relay else None
     keys = published_keys(session, tenant.id)  # type: ignore[arg-type]
     active = active_key(keys)
+    if idp.want_authn_requests_signed and active is None:  # the IdP would refuse an unsigned request
+        raise NotFound(f"{tenant.name}'s IdP wants signed sign-in requests and there is no SP key to sign with.",
+                       fix="A tenant admin generates them on the Single sign-on page (Generate SP keys).",
+                       code="sp_keys_missing")
     d = build_settings_dict(sp=sp_endpoints(tenant.slug), idp=idp,
                             sp_cert_pem=active.cert_pem if active else None)
     if idp.want_authn_requests_signed and active is not None:

@@ -16,6 +16,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from core.clock import aware
+from core.errors import NotFound
 from core.settings import get_settings
 from core.sso.common import ACS_PRINCIPAL, get_tenant, now_or, tenant_by_slug
 from core.sso.models import SsoSpKey
@@ -162,15 +163,16 @@ def sp_metadata(*, session: Session, tenant_slug: str, now: datetime | None = No
     """The tenant's signed SP metadata (public). Cached for a day per key set; no secret is cached.
 
     Raises:
-        NotFound: unknown tenant.
+        NotFound: unknown tenant, or no SP keys generated yet (code ``sp_keys_missing``).
     """
     now = now_or(now)
     tenant = tenant_by_slug(session, tenant_slug)
     keys = published_keys(session, tenant.id)  # type: ignore[arg-type]
-    if active_key(keys) is None:
-        keys = ensure_sp_keys(session=session, principal=ACS_PRINCIPAL, tenant_id=tenant.id, now=now)  # type: ignore[arg-type]
     active = active_key(keys)
-    assert active is not None
+    if active is None:  # a public GET never generates keys: a tenant admin does, on the SSO page
+        raise NotFound(f"{tenant.name} has no SP keys yet, so there is no SP metadata to publish.",
+                       fix="A tenant admin generates them on the Single sign-on page (Generate SP keys).",
+                       code="sp_keys_missing")
     nxt = next((k for k in keys if k.state == "next"), None)
     cache_key = (tenant.id, tenant.slug, active.cert_sha256, nxt.cert_sha256 if nxt else None,
                  get_settings().public_url)

@@ -18,7 +18,7 @@ from core.errors import MetadataInvalid, NotFound
 from core.settings import get_settings
 from core.sso.common import CertSummary, cert_summaries, get_config, get_tenant, now_or
 from core.sso.fetch import FetchResult, Resolver, fetch_metadata
-from core.sso.keys import ensure_sp_keys, published_keys
+from core.sso.keys import published_keys
 from core.sso.lint import BINDING_POST, BINDING_REDIRECT, LintReport, cert_pem, lint_metadata
 from core.sso.models import SsoConfig, SsoSpKey
 from core.sso.sp import sp_endpoints
@@ -163,7 +163,8 @@ def apply_import(
     """Replace (or create) the tenant's IdP configuration with ``data``.
 
     Nothing is written unless the document is usable: a rejected import leaves the configuration in
-    force unchanged. A change of entity ID, endpoint or certificate resets the "tested" state.
+    force unchanged. A change of entity ID, endpoint or certificate resets the "tested" state. SP keys
+    are not touched: generating them is its own step (core.sso.keys.ensure_sp_keys).
 
     Raises:
         AccessDenied; MetadataInvalid naming the first error and its fix.
@@ -230,7 +231,6 @@ def apply_import(
         }
     record_event(session, principal=principal, action="sso.metadata.import" if diff is None else "sso.metadata.replace",
                  tenant_id=tenant_id, target=f"tenant:{tenant.slug}", details=details, at=now)
-    ensure_sp_keys(session=session, principal=principal, tenant_id=tenant_id, now=now)
     return config
 
 

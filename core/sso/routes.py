@@ -127,8 +127,9 @@ async def metadata(request: Request) -> Response:
 
     try:
         xml = await run_in_threadpool(work)
-    except NotFound:
-        return Response("Unknown tenant.", status_code=404, media_type="text/plain")
+    except NotFound as exc:  # unknown tenant, or no SP keys yet (the message says who generates them)
+        text = f"{exc.message} {exc.fix}" if exc.fix else exc.message
+        return Response(text, status_code=404, media_type="text/plain")
     return Response(xml, media_type="application/samlmetadata+xml",
                     headers={"Content-Disposition": f'inline; filename="crmbridge-sp-{slug}.xml"'})
 

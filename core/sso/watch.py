@@ -46,7 +46,7 @@ def watch_certificates(
 ) -> list[CertFinding]:
     """IdP certificates expiring within 90/30/7 days or expired, and metadata past validUntil, as
     findings; each certificate crossing a threshold for the first time writes an audit event. Also
-    rolls the tenants' SP keys when their dates require (see ``ensure_sp_keys``). ``record=False``
+    rolls the SP keys of tenants that have them when their dates require (see ``ensure_sp_keys``). ``record=False``
     only computes the findings (pages): nothing is written.
 
     Staff (or the system scheduler) for every tenant; a tenant admin for their own."""
@@ -100,7 +100,8 @@ def watch_certificates(
         if record:
             config.last_cert_check_at = now
             session.add(config)
-            ensure_sp_keys(session=session, principal=principal, tenant_id=config.tenant_id, now=now)
+            if published_keys(session, config.tenant_id):  # roll keys that exist; creating them is a tenant's step
+                ensure_sp_keys(session=session, principal=principal, tenant_id=config.tenant_id, now=now)
     if record:
         session.flush()
     return findings

@@ -13,7 +13,7 @@ from core.db import session_scope
 from core.sso.authn import _settings_cache
 from core.sso.keys import _metadata_cache
 from core.sso.metadata import apply_import
-from core.sso.models import SsoConfig, SsoTrace
+from core.sso.models import SsoConfig, SsoSpKey, SsoTrace
 from core.sso.sp import sp_endpoints
 from core.tenants.access import Principal
 from core.tenants.models import Tenant
@@ -152,3 +152,20 @@ def test_only_staff_can_allow_idp_initiated(app_db: Engine, tenants: dict[str, i
     at = run_page("sso.py", STAFF, tenant_id=tenants["bigcorp"])
     at.toggle(key="sso_idp_init").set_value(True).run()
     assert not at.exception and _config(app_db, tenants["bigcorp"]).allow_idp_initiated  # type: ignore[union-attr]
+
+
+def test_an_admin_generates_sp_keys_as_an_explicit_step(app_db: Engine, tenants: dict[str, int],
+                                                        page_idp: SamlIdp) -> None:
+    """Metadata imported elsewhere (an API, a demo) leaves no SP key: the page says so and generates them on
+    the admin's click, after which the SP metadata can be handed to the IdP."""
+    with session_scope(app_db) as s:
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"], data=page_idp.metadata_xml("bigcorp"))
+    at = run_page("sso.py", _admin(tenants))
+    assert not at.exception and "no SP keys for this tenant yet" in page_text(at)
+    assert "Prepare SP metadata" not in [b.label for b in at.button]
+    _button(at, "Generate SP keys").click().run()
+    assert not at.exception
+    with Session(app_db) as s:
+        assert [k.state for k in s.exec(select(SsoSpKey).where(SsoSpKey.tenant_id == tenants["bigcorp"]))] == ["active"]
+    _button(at, "Prepare SP metadata").click().run()
+    assert not at.exception and at.session_state["sso_sp_xml"].startswith("<?xml")

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from core.db import session_scope
 from core.settings import get_settings
 from core.sso.authn import _settings_cache
-from core.sso.keys import _metadata_cache
+from core.sso.keys import _metadata_cache, ensure_sp_keys
 from core.sso.metadata import apply_import
 from core.sso.signin import _noise
 from core.tenants.access import Principal
@@ -90,6 +90,7 @@ class SsoWorld:
         with session_scope(self.engine) as s:
             apply_import(session=s, principal=staff_principal(), tenant_id=tenant_id,  # type: ignore[arg-type]
                          data=self.idp.metadata_xml(idp_tenant or slug), **kw)
+            ensure_sp_keys(session=s, principal=staff_principal(), tenant_id=tenant_id, now=kw.get("now"))  # type: ignore[arg-type]
 
     def token_for(self, email: str) -> str:
         from core.tenants.auth import start_session

@@ -10,6 +10,7 @@ import pytest
 
 from core.errors import MetadataInvalid
 from core.settings import get_settings
+from core.sso.keys import ensure_sp_keys
 from core.sso.lint import lint_metadata
 from core.sso.metadata import apply_import, fetch_document
 from tests.core.sso.conftest import CONSOLE, SsoWorld, form_fields, staff_principal
@@ -53,6 +54,7 @@ def test_sign_in_through_the_running_sandbox_idp(sso_world: SsoWorld, sandbox: S
     with session_scope(w.engine) as s:
         apply_import(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id, data=metadata,  # type: ignore[arg-type]
                      source="url", source_url=sandbox.url("/idp/bigcorp/metadata"))
+        ensure_sp_keys(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id)  # type: ignore[arg-type]
     # The IdP registers our SP from our metadata, as a real IdP's admin would.
     sp_md = w.console.get("/sso/bigcorp/metadata").content
     assert sandbox.http.put("/idp/bigcorp/sp-metadata", content=sp_md).status_code == 200

@@ -13,7 +13,7 @@ import pytest
 from sqlmodel import Session, func, select
 
 from core.clock import FrozenClock
-from core.errors import AccessDenied, MetadataInvalid
+from core.errors import AccessDenied, MetadataInvalid, NotFound
 from core.sso.keys import complete_sp_rollover, ensure_sp_keys, sp_metadata, start_sp_rollover
 from core.sso.metadata import apply_import, get_status, preview_import, sso_summary
 from core.sso.models import SsoConfig, SsoSpKey
@@ -129,6 +129,7 @@ def test_encrypted_assertions_decrypt_with_the_vaulted_sp_key_during_an_sp_rollo
     t = make_tenant(session, "bigcorp")
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"),  # type: ignore[arg-type]
                  now=clock())
+    ensure_sp_keys(session=session, principal=STAFF, tenant_id=t.id, now=clock())  # type: ignore[arg-type]
     keys = start_sp_rollover(session=session, principal=STAFF, tenant_id=t.id, now=clock())  # type: ignore[arg-type]
     session.commit()
     assert sorted(k.state for k in keys) == ["active", "next"]
@@ -199,6 +200,10 @@ def test_signed_authn_requests_when_the_idp_wants_them(session: Session, vault_k
     md = idp.metadata_xml("bigcorp", sign=False).replace(b'WantAuthnRequestsSigned="false"',
                                                            b'WantAuthnRequestsSigned="true"')
     apply_import(session=session, principal=STAFF, tenant_id=t.id, data=md, now=clock())  # type: ignore[arg-type]
+    with pytest.raises(NotFound) as no_keys:  # an unsigned request would only fail at the IdP
+        start_login(session=session, tenant_slug="bigcorp", relay_state="/x", now=clock())
+    assert no_keys.value.code == "sp_keys_missing" and "Generate SP keys" in (no_keys.value.fix or "")
+    ensure_sp_keys(session=session, principal=STAFF, tenant_id=t.id, now=clock())  # type: ignore[arg-type]
     start = start_login(session=session, tenant_slug="bigcorp", relay_state="/x", now=clock())
     query = urlsplit(start.url).query
     q = parse_qs(query)
@@ -250,6 +255,9 @@ def test_certificate_watch_thresholds_and_audit_events(session: Session, vault_k
 
     f = watch()
     assert [(x.code, x.severity, x.new) for x in f] == [("idp_cert_expiring_30", "warning", True)]
+    # The watch rolls SP keys that exist, and creates none: that is the tenant's explicit step.
+    assert session.exec(select(func.count()).select_from(SsoSpKey)).one() == 0
+    ensure_sp_keys(session=session, principal=STAFF, tenant_id=t.id, now=clock())  # type: ignore[arg-type]
     assert [x.code for x in watch()] == ["idp_cert_expiring_30"] and not watch()[0].new
     assert len(_events(session, "sso.cert.expiring")) == 1
     clock.advance(days=14)
@@ -272,6 +280,9 @@ def test_status_and_summary_for_posture(session: Session, vault_keys: Any, idp: 
     st = get_status(session=session, principal=admin_of(t), tenant_id=t.id)  # type: ignore[arg-type]
     assert st.configured and not st.tested
     assert st.sp.acs_url == f"{CONSOLE}/sso/bigcorp/acs" and st.sp.entity_id == f"{CONSOLE}/sso/bigcorp/metadata"
+    assert st.sp.certs == []  # importing generates no SP key
+    ensure_sp_keys(session=session, principal=admin_of(t), tenant_id=t.id, now=clock())  # type: ignore[arg-type]
+    st = get_status(session=session, principal=admin_of(t), tenant_id=t.id)  # type: ignore[arg-type]
     assert [c["state"] for c in st.sp.certs] == ["active"]
     summary = sso_summary(session=session, principal=STAFF, tenant_id=t.id, now=clock())  # type: ignore[arg-type]
     assert summary["configured"] and summary["signing_cert_expires"] > clock()
@@ -297,3 +308,28 @@ def test_replay_keys_are_kept_until_they_expire_then_purged(session: Session, va
     clock.advance(days=2)
     assert purge_expired(session=session, now=clock()) == 3  # two ids and the old request
     assert not session.exec(select(SsoSeenResponse)).all() and not session.exec(select(SsoRequest)).all()
+
+
+def test_importing_metadata_generates_no_sp_key_the_key_step_does(
+    session: Session, vault_keys: Any, idp: SamlIdp, clock: FrozenClock
+) -> None:
+    """Key generation is an explicit step: an import writes the IdP configuration only; the SP metadata
+    (public) says who generates the keys instead of generating them on a stranger's GET."""
+    t = make_tenant(session, "bigcorp")
+    apply_import(session=session, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"),  # type: ignore[arg-type]
+                 now=clock())
+    session.commit()
+    assert session.exec(select(func.count()).select_from(SsoSpKey)).one() == 0
+    assert not _events(session, "sso.sp_key.create")
+    with pytest.raises(NotFound) as missing:
+        sp_metadata(session=session, tenant_slug="bigcorp", now=clock())
+    assert missing.value.code == "sp_keys_missing" and "Single sign-on page" in (missing.value.fix or "")
+    assert session.exec(select(func.count()).select_from(SsoSpKey)).one() == 0
+    keys = ensure_sp_keys(session=session, principal=admin_of(t), tenant_id=t.id, now=clock())  # type: ignore[arg-type]
+    session.commit()
+    assert [k.state for k in keys] == ["active"] and len(_events(session, "sso.sp_key.create")) == 1
+    assert keys[0].cert_pem.split("-----")[2].strip().replace("\n", "")[:60] in sp_metadata(
+        session=session, tenant_slug="bigcorp", now=clock()).replace("\n", "")
+    # The step is idempotent: calling it again keeps the key.
+    assert [k.id for k in ensure_sp_keys(session=session, principal=admin_of(t), tenant_id=t.id,  # type: ignore[arg-type]
+                                         now=clock())] == [keys[0].id]
