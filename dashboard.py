@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import streamlit as st
 
@@ -10,7 +11,7 @@ from core.db import describe_db_failure, session_scope
 from core.errors import SessionInvalid
 from core.tenants.auth import principal_from_token
 from core.web import SESSION_COOKIE
-from pages._common import md
+from pages._common import md, render_focus, same_tab_link
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,6 +33,12 @@ PAGES = (
 
 st.set_page_config(page_title="CRM Bridge", page_icon=":material/hub:", layout="wide")
 
+def _here() -> str:
+    """This page's path and query (the tenant in focus), for the sign-in to return to."""
+    url = urlsplit(st.context.url or "/")
+    return (url.path or "/") + (f"?{url.query}" if url.query else "")
+
+
 token = st.context.cookies.get(SESSION_COOKIE)
 try:
     with session_scope() as s:
@@ -43,7 +50,9 @@ except SessionInvalid as exc:
     def sign_in() -> None:
         st.title("CRM Bridge")
         st.info(reason)
-        st.link_button("Sign in", "/auth/login", type="primary")
+        # in this tab (a new one left this tab showing the console), back to this address after sign-in:
+        # a bookmark of /tenant?tenant=acme opens Acme once signed in
+        same_tab_link("Sign in", "/auth/login?next=" + quote(_here(), safe="/"), primary=True)
 
     # Before sign-in the app has exactly one page: no sidebar list of pages/, and any address
     # (/tenants, /common, ...) shows this page (server.py also turns off pages/ discovery).
@@ -69,15 +78,18 @@ except Exception as exc:  # signing the session in touches the database
 st.session_state["principal"] = principal
 with st.sidebar:
     st.caption(f"Signed in as **{md(principal.email)}** · {principal.role.replace('_', ' ')}")
-    st.link_button("Sign out", "/auth/logout")
+    same_tab_link("Sign out", "/auth/logout")  # this tab: the sign-out page ends the session here
+
 
 pages = [
     st.Page(str(HERE / f), title=title, icon=icon, default=(f == "pages/overview.py"))
     for f, title, icon, roles in PAGES
     if principal.role in roles and (HERE / f).exists()
 ]
+page = st.navigation(pages)
+render_focus(principal)  # the tenant in focus: in the address, the sidebar picker and the header
 try:
-    st.navigation(pages).run()
+    page.run()
 except Exception as exc:  # a page's write hit a database that refuses writes: say what, not a traceback
     what = describe_db_failure(exc)
     if what is None:

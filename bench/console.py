@@ -52,9 +52,13 @@ def pages(bigcorp_id: int) -> list[tuple[str, Principal, dict]]:
     for name, who in (("overview.py", staff), ("overview.py#leadership", lead), ("overview.py#admin", admin),
                       ("tenants.py", staff), ("tenant.py", admin), ("onboarding.py", staff),
                       ("audit.py", admin), ("sso.py", admin), ("users_sync.py", admin), ("posture.py", admin),
-                      ("adoption.py", lead), ("vault.py", staff), ("accounts.py", admin), ("alerts.py", admin)):
+                      ("adoption.py", lead), ("adoption.py#staff", staff), ("adoption.py#focus", lead),
+                      ("vault.py", staff), ("accounts.py", admin), ("alerts.py", admin)):
         if (ROOT / "pages" / name.split("#")[0]).exists():
-            out.append((name, who, {"tenant_id": bigcorp_id}))
+            state: dict = {"tenant_id": bigcorp_id}
+            if name == "adoption.py#focus":  # the leadership view with a tenant in focus (?tenant=slug)
+                state["_query"] = {"tenant": "bigcorp"}
+            out.append((name, who, state))
     return out
 
 
@@ -66,7 +70,11 @@ def time_page(name: str, who: Principal, state: dict) -> float:
         at = AppTest.from_file(str(ROOT / "pages" / name.split("#")[0]), default_timeout=120)
         at.session_state["principal"] = who
         for k, v in state.items():
-            at.session_state[k] = v
+            if k == "_query":
+                for qk, qv in v.items():
+                    at.query_params[qk] = qv
+            else:
+                at.session_state[k] = v
         t0 = time.perf_counter()
         at.run()
         times.append(time.perf_counter() - t0)

@@ -19,6 +19,7 @@ import streamlit as st
 from core.clock import utcnow
 from core.db import session_scope
 from core.errors import CrmBridgeError
+from core.labels import humanize
 from core.providers import service
 from core.providers.catalog import FieldSpec, get_catalog
 from pages._common import ago, md, principal, show_error
@@ -106,6 +107,7 @@ def render_add_crm_account(tenant_id: int) -> None:
             st.caption("Each user enters " + _titles(mode.user_fields)
                        + " through their own connect link, never here.")
         submitted = st.form_submit_button("Add CRM account")
+    flash_key = f"crm_added_{tenant_id}"
     added: int | None = None
     if submitted:
         try:
@@ -116,6 +118,17 @@ def render_add_crm_account(tenant_id: int) -> None:
                 assert acc.id is not None
                 added = acc.id
                 creds = service.account_credentials(session=s, principal=p, account_id=acc.id)
+        except CrmBridgeError as exc:
+            show_error(exc)
+        else:
+            # rerun the whole page: its account list, "no CRM account yet" and the steps' checks change
+            st.session_state[flash_key] = added
+            st.rerun()
+    added = st.session_state.pop(flash_key, None)
+    if added is not None:
+        try:
+            with session_scope() as s:
+                creds = service.account_credentials(session=s, principal=p, account_id=added)
         except CrmBridgeError as exc:
             show_error(exc)
         else:
@@ -131,7 +144,7 @@ def render_add_crm_account(tenant_id: int) -> None:
 
 def _show_steps(steps: list, *, ok: bool | None) -> None:
     for step in steps:
-        name = step.name.replace("_", " ").capitalize()
+        name = humanize(step.name)
         timing = f" ({step.latency_ms:.0f} ms)" if step.latency_ms is not None else ""
         if step.ok:
             st.success(f"**{md(name)}**{timing}: {md(step.detail)}")
@@ -152,12 +165,20 @@ def render_connection_test(account_id: int) -> None:
             st.warning(f"No credentials are stored for {md(creds.label)}: enter the credentials first "
                        f"({md(_titles(creds.fields))}) in the secure form, then test the connection.")
         else:
-            with st.spinner("Testing against the CRM…"):
+            with st.status(f"Testing the connection to {md(creds.label)}…", expanded=True) as progress:
+                st.write("Reading the stored credentials from the vault…")
+                st.write(f"Signing in to {creds.provider_name} and reading the organisation, edition and limits…")
                 try:
                     with session_scope() as s:
-                        service.test_crm_account(session=s, principal=p, account_id=account_id)
+                        report = service.test_crm_account(session=s, principal=p, account_id=account_id)
                 except CrmBridgeError as exc:
+                    progress.update(label=f"Connection test for {md(creds.label)} could not run", state="error")
                     show_error(exc)
+                else:
+                    ok = report.ok
+                    st.write("Storing the result.")
+                    progress.update(label=f"Connection test for {md(creds.label)} {'passed' if ok else 'failed'}",
+                                    state="complete" if ok else "error", expanded=False)
     if creds.missing:
         st.warning(f"**Credentials missing** — {md(creds.label)} cannot connect until its {md(_titles(creds.fields))} "
                    "are entered in the secure form.")
@@ -226,3 +247,83 @@ def render_quota(account_id: int) -> None:
     else:
         st.caption(text)
     st.caption(f"Read from the CRM {ago(gauge.observed_at, now)}.")
+
+
+MODE_LABELS = {"api_user": "A dedicated API user", "per_user_oauth": "Each user's own OAuth consent",
+               "per_user_password": "Each user's stored password (retiring)"}
+
+
+def render_edit_crm_account(account_id: int) -> None:
+    """Edit an existing account's non-secret settings: the same catalog fields as the add form, filled
+    with the current values (secrets stay in the secure form). Each widget's key is
+    ``crm_edit_{id}_{field}`` so a posture finding can link to it."""
+    from core.posture.rules import crm_edit_key
+
+    p = principal()
+    try:
+        with session_scope() as s:
+            form = service.account_settings_form(session=s, principal=p, account_id=account_id)
+    except CrmBridgeError as exc:
+        show_error(exc)
+        return
+    editions = list(form.editions)
+    with st.form(f"crm_edit_{account_id}"):
+        st.markdown(f"**Settings of {md(form.label)}**")
+        label = st.text_input("Label", value=form.label, max_chars=120, key=crm_edit_key(account_id, "label"))
+        edition = st.selectbox("Edition", editions, index=editions.index(form.edition) if form.edition in editions
+                               else 0, format_func=form.editions.__getitem__, key=crm_edit_key(account_id, "edition"))
+        values: dict[str, str | None] = {}
+        for f in form.fields:
+            key = crm_edit_key(account_id, f.name)
+            current = form.values.get(f.name, "")
+            label_text = f.title + ("" if f.required else " (optional)")
+            if f.type == "select" and f.options:
+                opts = list(f.options)
+                values[f.name] = st.selectbox(label_text, opts, index=opts.index(current) if current in opts
+                                              else (opts.index(f.default) if f.default in opts else 0),
+                                              help=f.help or None, key=key)
+            elif f.type == "text":
+                values[f.name] = st.text_area(label_text, value=current, help=f.help or None, key=key)
+            else:
+                values[f.name] = st.text_input(label_text, value=current, help=f.help or None, key=key,
+                                               placeholder=f.example or f.default or "")
+        st.caption("Secrets are not edited here: use the secure credentials form.")
+        saved = st.form_submit_button("Save settings")
+    if saved:
+        try:
+            with session_scope() as s:
+                service.update_crm_account_settings(session=s, principal=p, account_id=account_id, values=values,
+                                                    label=label, edition=edition)
+        except CrmBridgeError as exc:
+            show_error(exc)
+        else:
+            st.session_state["crm_flash"] = f"Saved the settings of {md(label or form.label)}."
+            st.rerun()
+
+
+
+def render_credential_mode(account_id: int, current: str) -> None:
+    """How CRM Bridge signs in to the CRM (API user / each user's OAuth / stored passwords). Moving away
+    from stored passwords destroys them (the vault's mode-change rule), in the same transaction."""
+    from core.posture.rules import crm_mode_key
+    from core.tenants.service import set_credential_mode
+    from core.vault.service import destroy_for_mode_change
+
+    p = principal()
+    modes = list(MODE_LABELS)
+    new = st.selectbox("How CRM Bridge signs in", modes, index=modes.index(current) if current in modes else 0,
+                       format_func=MODE_LABELS.__getitem__, key=crm_mode_key(account_id))
+    if new != current:
+        if current == "per_user_password":
+            st.warning("Switching destroys every stored password of this account.")
+        if st.button("Change sign-in method", key=f"crm_mode_save_{account_id}"):
+            try:
+                with session_scope() as s:
+                    set_credential_mode(session=s, principal=p, account_id=account_id, mode=new)
+                    if new != "per_user_password":
+                        destroy_for_mode_change(s, principal=p, crm_account_id=account_id)
+            except CrmBridgeError as exc:
+                show_error(exc)
+            else:
+                st.session_state["crm_flash"] = f"Now signing in with: {MODE_LABELS[new].lower()}."
+                st.rerun()

@@ -8,7 +8,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.sso.metadata import get_status
 from core.tenants.service import get_tenant
-from pages._common import ago, md, md_code, principal, show_error
+from pages._common import ago, md, md_code, page_link, principal, same_tab_link, show_error
 
 
 def render_sso_status(tenant_id: int) -> None:
@@ -20,8 +20,10 @@ def render_sso_status(tenant_id: int) -> None:
     except CrmBridgeError as exc:
         show_error(exc)
         return
+    # the SSO page opens on this same tenant (?tenant=): never another customer's IdP import
     if not status.configured:
-        st.info("No IdP metadata yet. Open **SSO** in the sidebar to import it (upload or URL) and see its lint.")
+        st.info("No IdP metadata yet: import it (upload or URL) on the SSO page and read its lint.")
+        page_link("pages/sso.py", "Open the SSO page for this tenant", icon=":material/key:", tenant=slug)
         return
     st.markdown(f"IdP **{md(status.idp_entity_id)}** · SSO endpoint {md_code(status.sso_url)} "
                 f"({md(status.sso_binding)})")
@@ -34,4 +36,5 @@ def render_sso_status(tenant_id: int) -> None:
         st.error("The last test login failed: its trace on the SSO page says which check failed and how to fix it.")
     else:
         st.warning("Metadata imported; the test login has not been run yet.")
-    st.link_button("Run a test login", f"/sso/{slug}/test")
+    page_link("pages/sso.py", "Open the SSO page for this tenant", icon=":material/key:", tenant=slug)
+    same_tab_link("Run a test login", f"/sso/{slug}/test")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core import labels
 from core.accounts.service import (
     invite_account,
     list_accounts,
@@ -54,7 +55,7 @@ try:
             rows, _ = list_tenants(session=s, principal=p, limit=5000)
             tenants = {r.id: r.name for r in rows}
         if p.is_staff and tenants:
-            choice = st.selectbox("Tenant", [0, *tenants], format_func=lambda i: "All accounts" if i == 0 else
+            choice = st.selectbox("Accounts of", [0, *tenants], format_func=lambda i: "All accounts" if i == 0 else
                                   tenants[i], key="accounts_tenant")
             filter_tenant = choice or None
         accounts = list_accounts(session=s, principal=p, tenant_id=filter_tenant)
@@ -71,7 +72,7 @@ def _status(a) -> str:  # type: ignore[no-untyped-def]
 st.subheader(f"{len(accounts)} account(s)")
 if accounts:
     st.dataframe(
-        [{"Email": a.email, "Name": a.name, "Role": a.role.replace("_", " "), "Tenant": a.tenant,
+        [{"Email": a.email, "Name": a.name, "Role": labels.role(a.role), "Tenant": a.tenant,
           "Status": _status(a), "Two-factor": a.mfa, "Last sign-in": ago(a.last_sign_in_at)} for a in accounts],
         hide_index=True, width="stretch",
     )
@@ -122,7 +123,7 @@ with st.form("invite", clear_on_submit=True):
     name = st.text_input("Name (optional)", max_chars=200, key="invite_name")
     if p.is_staff:
         role = st.selectbox("Role", ["tenant_admin", "staff", "leadership"],
-                            format_func=lambda r: r.replace("_", " "), key="invite_role")
+                            format_func=labels.role, key="invite_role")
         tenant_choice = st.selectbox("Tenant (tenant admins only)", [0, *tenants],
                                      format_func=lambda i: "—" if i == 0 else tenants[i], key="invite_tenant")
         tenant_id = tenant_choice or None
@@ -140,7 +141,7 @@ with st.form("invite", clear_on_submit=True):
 
 if invites:
     st.caption(f"{len(invites)} pending invitation(s)")
-    st.dataframe([{"Email": i.email, "Role": i.role.replace("_", " "), "Tenant": tenants.get(i.tenant_id or 0, ""),
+    st.dataframe([{"Email": i.email, "Role": labels.role(i.role), "Tenant": tenants.get(i.tenant_id or 0, ""),
                    "Invited by": i.invited_by, "Expires": ago(i.expires_at)} for i in invites],
                  hide_index=True, width="stretch")
     inv_by_id = {i.id: i for i in invites}

@@ -6,9 +6,10 @@ from datetime import UTC, datetime, time, timedelta
 
 import streamlit as st
 
+from core import labels
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.tenants.service import export_audit_csv, list_audit
+from core.tenants.service import export_audit_csv, list_audit, tenant_names
 from pages._common import principal, selected_tenant_id, show_error
 
 p = principal()
@@ -17,7 +18,7 @@ st.caption("Append-only and tamper-evident: each entry is chained to the one bef
 
 tenant_id = selected_tenant_id(p) if p.is_tenant_admin else None
 if p.is_staff:
-    only_picked = st.toggle("Only the tenant picked in the sidebar", value=False)
+    only_picked = st.toggle("Only the tenant in focus", value=False)
     if only_picked:
         tenant_id = selected_tenant_id(p)
 
@@ -38,6 +39,7 @@ try:
     with session_scope() as s:
         rows, total = list_audit(session=s, principal=p, limit=500, **filters)
         csv_text = export_audit_csv(session=s, principal=p, **filters) if rows else ""
+        names = tenant_names(session=s, principal=p, ids={r.tenant_id for r in rows if r.tenant_id})
 except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
@@ -45,10 +47,13 @@ except CrmBridgeError as exc:
 st.caption(f"{total} event(s){' — showing the newest 500' if total > 500 else ''}")
 if rows:
     st.dataframe(
-        [{"Time (UTC)": r.occurred_at.strftime("%Y-%m-%d %H:%M:%S"), "Tenant": r.tenant_id, "Actor": r.actor,
-          "Role": r.actor_role, "Action": r.action, "Target": r.target, "Via": r.via or "", "Details": r.details}
+        [{"Time (UTC)": r.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
+          "Tenant": names.get(r.tenant_id, "") if r.tenant_id else "—", "Actor": r.actor,
+          "Role": labels.role(r.actor_role), "Action": r.action, "Target": r.target, "Via": r.via or "",
+          "Details": r.details}
          for r in rows],
         hide_index=True, width="stretch",
+        column_config={"Details": st.column_config.TextColumn(width="large")},
     )
     st.download_button("Export CSV", csv_text, file_name="crmbridge-audit.csv", mime="text/csv")
 else:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core import labels
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants import onboarding as ob
 from core.tenants.models import CredentialMode
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants, set_credential_mode
 from core.vault.service import destroy_for_mode_change
-from pages._common import md, principal, show_error
+from pages._common import md, page_link, principal, selected_tenant_id, show_error
 from pages._crm_accounts import render_add_crm_account, render_connection_test
 from pages._invites import render_invite_admin
 from pages._sandbox_org import render_sandbox_org
@@ -26,27 +27,28 @@ ICONS = {
 
 
 p = principal()
-st.title("Onboarding")
 flash = st.session_state.pop("onboarding_flash", None)
-if flash:
-    st.success(md(flash))
-    st.balloons()
 
+# The wizard works on the tenant in focus (the address's ?tenant=, the sidebar's picker): it never moves
+# to another tenant by itself, not even after go-live. The step is in the address too (?step=).
+if not (p.is_staff or p.is_tenant_admin):
+    st.error("The onboarding wizard is for CRM Bridge staff.")
+    st.stop()
+tenant_id = selected_tenant_id(p)
+if tenant_id is None:
+    st.stop()
 try:
     with session_scope() as s:
         rows, _ = list_tenants(session=s, principal=p, status="onboarding", limit=500)
 except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
-
-if not rows:
-    st.info("No tenant is onboarding. Create a tenant on the Tenants page to start one.")
-    st.stop()
-ids = [r.id for r in rows]
-current = st.session_state.get("onboarding_tenant")
-tenant_id = st.selectbox("Tenant", ids, index=ids.index(current) if current in ids else 0,
-                         format_func={r.id: f"{r.name} ({r.slug})" for r in rows}.__getitem__)
-st.session_state["onboarding_tenant"] = tenant_id
+others = [r for r in rows if r.id != tenant_id]
+if others:
+    with st.expander(f"Other tenants onboarding ({len(others)})"):
+        for r in others[:50]:
+            page_link("pages/onboarding.py", f"{md(r.name)} ({md(r.slug)}) — next: {labels.step(r.onboarding_step)}",
+                      tenant=r.slug)
 
 try:
     with session_scope() as s:
@@ -57,6 +59,10 @@ except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
 
+st.title(f"Onboarding — {md(tenant.name)}")
+if flash:
+    st.success(md(flash))
+    st.balloons()
 info = st.session_state.pop("onboarding_flash_info", None)
 if info:
     st.success(info)
@@ -65,14 +71,19 @@ render_sandbox_org(tenant_id)
 st.progress(view.progress, text=f"{sum(1 for x in view.steps if x.settled)} of {len(view.steps)} steps settled")
 cols = st.columns(len(view.steps))
 for col, step in zip(cols, view.steps, strict=True):
-    col.markdown(f"{ICONS[step.status]} **{step.title}**  \n{step.status}")
+    col.markdown(f"{ICONS[step.status]} **{step.title}**  \n{labels.step_status(step.status)}")
 for d in view.deferred:
     st.warning(f"{md(d.title)} deferred by {md(d.by)}: {md(d.reason)}")
 
-default_key = view.current.key if view.current else "go_live"
 keys = [x.key for x in view.steps if x.key != "tenant"]
+asked = st.query_params.get("step")
+default_key = asked if asked in keys else (view.current.key if view.current else "go_live")
+step_key = f"ob_step_{tenant_id}"
 chosen = st.radio("Step", keys, index=keys.index(default_key), horizontal=True,
-                  format_func={x.key: x.title for x in view.steps}.__getitem__, key=f"ob_step_{tenant_id}")
+                  format_func={x.key: x.title for x in view.steps}.__getitem__, key=step_key,
+                  on_change=lambda: st.query_params.update(step=st.session_state[step_key]))
+if st.query_params.get("step") != chosen:
+    st.query_params["step"] = chosen  # a reload comes back to this step
 step = next(x for x in view.steps if x.key == chosen)
 st.subheader(step.title)
 if step.check:
@@ -106,7 +117,7 @@ def _done_button() -> None:
 
 if chosen == "crm_accounts":
     for a in accounts:
-        st.markdown(f"- **{md(a.label)}** — {md(a.provider)} {md(a.edition)}")
+        st.markdown(f"- **{md(a.label)}** — {md(labels.provider(a.provider))} {md(a.edition)}")
     render_add_crm_account(tenant_id)
     _done_button()
 elif chosen == "credential_mode":
@@ -119,7 +130,7 @@ elif chosen == "credential_mode":
     modes = [m.value for m in CredentialMode]
     for a in accounts:
         new = st.selectbox(md(a.label), modes, index=modes.index(a.credential_mode), key=f"mode_{a.id}",
-                           format_func=lambda m: m.replace("_", " "))
+                           format_func=labels.credential_mode)
         if new != a.credential_mode and st.button(f"Save mode for {md(a.label)}", key=f"save_mode_{a.id}"):
             try:
                 with session_scope() as s:
@@ -150,14 +161,15 @@ elif chosen == "go_live":
     st.markdown("**Go-live checklist**")
     for x in view.steps:
         if x.key != "go_live":
-            st.markdown(f"{ICONS[x.status]} {x.title}: {x.status}" + (f" — *{md(x.reason)}*" if x.reason else ""))
+            st.markdown(f"{ICONS[x.status]} {x.title}: {labels.step_status(x.status).lower()}"
+                        + (f" — *{md(x.reason)}*" if x.reason else ""))
     if tenant.status == "live":
         st.success(f"{md(tenant.name)} is live.")
     elif st.button("Go live", type="primary", disabled=bool(missing) or not p.is_staff):
         try:
             with session_scope() as s:
                 ob.go_live(session=s, principal=p, tenant_id=tenant_id)
-            st.session_state["onboarding_flash"] = f"{tenant.name} is live."
+            st.session_state["onboarding_flash"] = f"Go-live recorded for {tenant.name}."
             st.rerun()
         except CrmBridgeError as exc:
             show_error(exc)

@@ -8,7 +8,7 @@ import streamlit as st
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.posture.overview import headline, needing_attention
-from core.posture.service import get_posture
+from core.posture.service import adoption_figures, get_posture
 from core.scheduler.service import periodic_status
 from core.sync.service import sync_overview
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants
@@ -49,18 +49,29 @@ def _tenant_admin_view(tenant_id: int) -> None:
 def _aggregate_view() -> None:
     with session_scope() as s:
         h = headline(session=s, principal=p)
+        # The same figures, over the same tenants and postures, as the Adoption page shows (issue 16).
+        fig = adoption_figures(session=s, principal=p)
         attention = needing_attention(session=s, principal=p) if p.is_staff else []
         onboarding = list_tenants(session=s, principal=p, status="onboarding", limit=20)[0] if p.is_staff else []
     cols = st.columns(4)
-    cols[0].metric("Tenants", h.tenants, help=f"{h.live} live, {h.onboarding} onboarding")
-    cols[1].metric("Tenants with tested SSO", f"{h.sso_tested_share:.0%}")
-    cols[2].metric("Users signing in by SSO", f"{h.users_sso_share:.0%}")
-    cols[3].metric("One step from the next level", h.one_step_away)
-    if h.levels:
-        st.caption("Maturity levels: " + ", ".join(f"level {k}: {v}" for k, v in sorted(h.levels.items()))
+    cols[0].metric("Tenants", fig.tenants, help=f"{h.live} live, {h.onboarding} onboarding (offboarded not counted)")
+    cols[1].metric("Tenants with tested SSO", f"{fig.sso_tested_share:.0%}",
+                   help=f"{fig.sso_tested} of {fig.tenants}")
+    cols[2].metric("Users signing in by SSO", f"{fig.users_sso_share:.0%}",
+                   help=f"{fig.users_sso:,} of {fig.users_total:,} active users")
+    cols[3].metric("One step from the next level", fig.one_step_away,
+                   help="Tenants whose next level is exactly one action away")
+    if fig.tenants:
+        st.caption("Maturity levels: " + ", ".join(f"level {k}: {v}" for k, v in sorted(fig.levels.items()))
                    + (f" · as of {h.as_of}" if h.as_of else ""))
     if h.stored_password_tenants:
         st.caption(f"{h.stored_password_tenants} tenant(s) still rely on stored passwords.")
+    if p.role == "leadership":
+        try:
+            st.page_link("pages/adoption.py", label="Open the leadership view: trends, pipeline, tenants →",
+                         icon=":material/insights:")
+        except Exception:  # outside the console's navigation (a single-page test run)
+            st.markdown("[Open the leadership view: trends, pipeline, tenants →](/adoption)")
     if p.is_staff:
         st.subheader("Onboardings in flight")
         if onboarding:

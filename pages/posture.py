@@ -10,13 +10,29 @@ import streamlit as st
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.posture.maturity import LEVELS
-from core.posture.rules import Severity
+from core.posture.rules import ActionTarget, Severity
 from core.posture.service import get_posture
-from pages._common import md, principal, selected_tenant_id, show_error
+from pages._common import evidence_table, md, principal, selected_tenant_id, show_error
 
 WHO = {"tenant_admin": "Tenant admin", "customer_success": "Customer success", "sales": "Sales"}
 ICON = {"blocking": ":material/block:", "high": ":material/error:", "medium": ":material/warning:",
         "low": ":material/info:", "info": ":material/info:"}
+
+PAGE_FILES = {"tenant": "tenant.py", "sso": "sso.py", "users_sync": "users_sync.py"}
+
+
+def action_link(target: ActionTarget | None, slug: str) -> None:
+    """A same-tab link to the page and control that carry the action out, with the tenant in focus
+    (``?tenant=slug``) and the account whose panel opens (``&account=id``)."""
+    if target is None:
+        return
+    params = {"tenant": slug, **({"account": str(target.account_id)} if target.account_id is not None else {})}
+    try:
+        st.page_link(f"pages/{PAGE_FILES[target.page]}", label=target.label, icon=":material/arrow_forward:",
+                     query_params=params)
+    except Exception:  # the page runs outside the console's navigation (a single-page test run)
+        st.markdown(f"[{target.label} →]({target.href(slug)})")
+
 
 p = principal()
 if not (p.is_staff or p.is_tenant_admin):
@@ -52,13 +68,14 @@ else:
     st.subheader(f"Next step → level {step.to_level}")
     st.info(f"**{md(step.title)}**\n\n{md(step.action)}\n\nWho acts: **{md(WHO.get(step.who, step.who))}**"
             + (f" · {step.steps_left} steps before level {step.to_level}" if step.steps_left > 1 else ""))
+    gate = next((f for f in report.findings if f.key in m.gating), None)
+    action_link(gate.target if gate else None, report.slug)
 
 st.subheader(report.world.title)
 st.markdown(md(report.world.explanation))  # names the CRM accounts
 if report.world.evidence:
     with st.expander("Catalog facts behind this"):
-        st.dataframe([{"Fact": e.label, "Value": e.value, "Source": e.source or ""} for e in report.world.evidence],
-                     hide_index=True, width="stretch")
+        evidence_table([(e.label, e.value, e.source, e.url) for e in report.world.evidence], first="Fact")
 
 st.subheader(f"Findings ({len(report.findings)})")
 if not report.findings:
@@ -72,9 +89,9 @@ for sev in Severity:
         with st.container(border=True):
             st.markdown(f"{ICON.get(sev.value, '')} **{md(f.title)}**")
             st.markdown(f"**Do:** {md(f.action)}")
+            action_link(f.target, report.slug)
             st.markdown(f"**Who acts:** {md(WHO.get(f.who, f.who))} · **Unlocks:** {md(f.unlocks)}")
-            st.dataframe([{"Evidence": e.label, "Value": e.value, "Source": e.source or ""} for e in f.evidence],
-                         hide_index=True, width="stretch")
+            evidence_table([(e.label, e.value, e.source, e.url) for e in f.evidence])
             if f.affected:
                 st.caption(f"Users affected ({len(f.affected)}): " + md(", ".join(f.affected)))
 

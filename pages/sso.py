@@ -16,8 +16,8 @@ from core.sso.keys import complete_sp_rollover, ensure_sp_keys, sp_metadata, sta
 from core.sso.metadata import apply_import, fetch_document, get_status, preview_import, set_idp_initiated
 from core.sso.testlogin import check_pasted_response, list_traces
 from core.sso.watch import certificate_timeline, watch_certificates
-from core.tenants.service import get_tenant, get_tenant_by_slug
-from pages._common import ago, md, md_code, principal, selected_tenant_id, show_error
+from core.tenants.service import get_tenant
+from pages._common import ago, md, md_code, principal, same_tab_link, selected_tenant_id, show_error
 
 IMPORT_KEY = "sso_import"
 SEVERITY_ICON = {"error": "🛑", "warning": "⚠️", "info": "ℹ️"}
@@ -91,12 +91,18 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
                             placeholder="https://idp.example.com/metadata",
                             help="Fetched with a 5 s, 5 MB and 3-redirect limit, from public addresses only.")
         if st.button("Fetch", key="sso_fetch", disabled=not url):
-            try:
-                res = fetch_document(url)
-                st.session_state[IMPORT_KEY] = {"data": res.body, "source": "url", "url": res.final_url,
-                                                "name": res.final_url}
-            except CrmBridgeError as exc:
-                show_error(exc)
+            with st.status("Fetching the IdP metadata…", expanded=True) as progress:
+                st.write(f"Downloading {url} (public addresses only, 5 s, 5 MB, 3 redirects)…")
+                try:
+                    res = fetch_document(url)
+                except CrmBridgeError as exc:
+                    progress.update(label="The metadata could not be fetched", state="error")
+                    show_error(exc)
+                else:
+                    st.write(f"Received {len(res.body):,} bytes from {res.final_url}; checking it below.")
+                    st.session_state[IMPORT_KEY] = {"data": res.body, "source": "url", "url": res.final_url,
+                                                    "name": res.final_url}
+                    progress.update(label="IdP metadata fetched", state="complete", expanded=False)
     pending = st.session_state.get(IMPORT_KEY)
     if not pending:
         return
@@ -145,7 +151,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
                 "metadata: the IdP trusts their certificate for signed requests and encrypts assertions to it.")
         if st.button("Generate SP keys", key="sso_sp_keys", type="primary"):
             try:
-                with session_scope() as s:
+                with st.spinner("Generating the SP key and certificate…"), session_scope() as s:
                     ensure_sp_keys(session=s, principal=p, tenant_id=tenant_id)
                 st.rerun()
             except CrmBridgeError as exc:
@@ -167,7 +173,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
         if "next" not in states and st.button("Start SP key rollover", key="sso_roll_start",
                                               help="Publishes a new SP certificate beside the current one."):
             try:
-                with session_scope() as s:
+                with st.spinner("Generating the new SP key and certificate…"), session_scope() as s:
                     start_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
                 st.rerun()
             except CrmBridgeError as exc:
@@ -176,7 +182,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
         if "next" in states and st.button("Finish SP key rollover", key="sso_roll_done",
                                           help="Signs with the new key and stops publishing the old one."):
             try:
-                with session_scope() as s:
+                with st.spinner("Switching signing to the new SP key…"), session_scope() as s:
                     complete_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
                 st.rerun()
             except CrmBridgeError as exc:
@@ -194,19 +200,33 @@ def _traces(p: Any, tenant_id: int) -> None:
         st.caption("No test login or response check yet.")
         return
     wanted = st.query_params.get("trace")
-    for t in traces:
+
+    def title(t: Any) -> str:
         verdict = "✅ passed" if t.ok else "❌ failed"
-        title = (f"{'Test login' if t.source == 'test' else 'Pasted response'} #{t.id} — {verdict} — "
-                 f"{md(t.name_id or 'no identity')} — {ago(t.created_at)}")
-        with st.expander(title, expanded=str(t.id) == wanted or t is traces[0]):
-            if t.error:
-                st.error(md(t.error))
-            if t.skew_seconds is not None:
-                st.caption(f"Measured clock skew (our clock − IssueInstant): {t.skew_seconds:+.1f} s")
-            st.dataframe([{"Check": c["name"], "Result": {True: "pass", False: "FAIL", None: "—"}[c["ok"]],
-                           "Detail": c.get("detail", "")} for c in t.checks], hide_index=True, width="stretch")
-            if t.decoded_xml:
-                st.code(t.decoded_xml, language="xml")
+        return (f"{'Test login' if t.source == 'test' else 'Pasted response'} #{t.id} — {verdict} — "
+                f"{md(t.name_id or 'no identity')} — {ago(t.created_at)}")
+
+    # the trace the address names (back from a test login), else the newest, in full; the others one
+    # click away. The raw SAML XML stays behind a collapsed expander: the checks say what matters.
+    shown = next((t for t in traces if str(t.id) == wanted), traces[0])
+    if len(traces) > 1:
+        by_id = {t.id: t for t in traces}
+        picked = st.selectbox("Trace", list(by_id), index=list(by_id).index(shown.id),
+                              format_func=lambda i: title(by_id[i]), key=f"sso_trace_pick_{shown.id}")
+        shown = by_id[picked]
+    t = shown
+    with st.container(border=True):
+        st.markdown(f"**{title(t)}**")
+        if t.error:
+            st.error(md(t.error))
+        if t.skew_seconds is not None:
+            st.caption(f"Measured clock skew (our clock − IssueInstant): {t.skew_seconds:+.1f} s")
+        st.dataframe([{"Check": c["name"], "Result": {True: "pass", False: "FAIL", None: "—"}[c["ok"]],
+                       "Detail": c.get("detail", "")} for c in t.checks], hide_index=True, width="stretch",
+                     column_config={"Detail": st.column_config.TextColumn(width="large")})
+        if t.decoded_xml:
+            with st.expander("Raw SAML response (XML)", expanded=False):
+                st.code(t.decoded_xml, language="xml", wrap_lines=True)
 
 
 def _timeline(p: Any, tenant_id: int) -> None:
@@ -246,14 +266,7 @@ p = principal()
 if not (p.is_staff or p.is_tenant_admin):
     st.error("SSO settings are for CRM Bridge staff and tenant admins.")
     st.stop()
-back_from = st.query_params.get("tenant")
-if p.is_staff and back_from and "_tenant_picker" not in st.session_state:
-    # back from a test login (a new browser session): show the tenant whose trace it is
-    try:
-        with session_scope() as s:
-            st.session_state["tenant_id"] = get_tenant_by_slug(session=s, principal=p, slug=back_from).id
-    except CrmBridgeError:
-        pass  # an unknown slug in the address: keep the usual default
+# the tenant in focus comes from the address (?tenant=): back from a test login it is the trace's tenant
 tenant_id = selected_tenant_id(p)
 if tenant_id is None:
     st.stop()
@@ -287,7 +300,7 @@ st.subheader("Test login")
 if status.configured:
     st.markdown("Runs a real sign-in at the IdP. CRM Bridge validates the answer and keeps a trace; a test never "
                 "signs anyone in to the console.")
-    st.link_button("Start a test login", status.sp.test_url, type="primary")
+    same_tab_link("Start a test login", status.sp.test_url, primary=True)  # comes back here, same tenant
 else:
     st.info("Import the IdP metadata first.")
 _traces(p, tenant_id)

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core import labels
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.models import TenantStatus
 from core.tenants.service import create_tenant, list_tenants
-from pages._common import md, principal, show_error
+from pages._common import csv_download, md, page_link, principal, show_error
 
 p = principal()
 st.title("Tenants")
 
 c1, c2, c3 = st.columns([2, 1, 1])
 search = c1.text_input("Search name or slug", key="tenants_search")
-status = c2.selectbox("Status", ["all", *[s.value for s in TenantStatus]], key="tenants_status")
-provider = c3.selectbox("CRM", ["all", "salesforce", "dynamics-365", "hubspot"], key="tenants_provider")
+status = c2.selectbox("Status", ["all", *[s.value for s in TenantStatus]], key="tenants_status",
+                      format_func=lambda v: "All" if v == "all" else labels.tenant_status(v))
+provider = c3.selectbox("CRM", ["all", "salesforce", "dynamics-365", "hubspot"], key="tenants_provider",
+                        format_func=lambda v: "All" if v == "all" else labels.provider(v))
 page_size = 50
 page_no = st.session_state.get("tenants_page", 0)
 
@@ -30,13 +33,20 @@ except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
 
+created = st.session_state.pop("tenants_created", None)
+if created:
+    name, new_slug = created
+    st.success(f"Created {md(name)}. Continue on the Onboarding page.")
+    page_link("pages/onboarding.py", f"Onboard {md(name)}", icon=":material/rocket_launch:", tenant=new_slug)
+
 st.caption(f"{total} tenant(s)")
 if rows:
-    st.dataframe(
-        [{"Name": r.name, "Slug": r.slug, "Status": r.status, "Onboarding step": r.onboarding_step,
-          "CRM accounts": r.crm_accounts, "CRMs": r.providers, "Users": r.users} for r in rows],
-        hide_index=True, width="stretch",
-    )
+    table = [{"Name": r.name, "Slug": r.slug, "Status": labels.tenant_status(r.status),
+              "Onboarding step": labels.step(r.onboarding_step), "CRM accounts": r.crm_accounts,
+              "CRMs": ", ".join(labels.provider(x.strip()) for x in r.providers.split(",") if x.strip()),
+              "Users": r.users} for r in rows]
+    st.dataframe(table, hide_index=True, width="stretch")
+    csv_download(table, "crmbridge-tenants.csv")
     pages = max(1, -(-total // page_size))
     if pages > 1:
         st.number_input("Page", 1, pages, page_no + 1, key="tenants_page_input",
@@ -55,7 +65,7 @@ if p.is_staff:
                 try:
                     with session_scope() as s:
                         t = create_tenant(session=s, principal=p, data={"name": name, "slug": slug})
-                        st.session_state["tenant_id"] = t.id
-                    st.success(f"Created {md(name)}. Continue on the Onboarding page.")
+                        st.session_state["tenants_created"] = (t.name, t.slug)
+                    st.rerun()  # the list (and the sidebar's picker) shows the new tenant at once
                 except CrmBridgeError as exc:
                     show_error(exc)

@@ -11,6 +11,7 @@ import html
 import plotly.graph_objects as go
 import streamlit as st
 
+from core import labels as human
 from core.clock import utcnow
 from core.db import session_scope
 from core.errors import CrmBridgeError
@@ -27,7 +28,7 @@ from core.sync.service import (
     sync_overview,
     user_detail,
 )
-from pages._common import ago, md, principal, selected_tenant_id, show_error
+from pages._common import ago, csv_download, md, principal, selected_tenant_id, show_error
 
 ALL = "All"
 COLOR = {"healthy": "green", "lagging": "orange", "failing": "red", "paused": "gray", "ok": "green",
@@ -72,8 +73,9 @@ def badge(state: str) -> str:
 
 
 def _act(fn, ok: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """A sync action over every job of an account (or one job): shows that it is working, then reruns."""
     try:
-        with session_scope() as s:
+        with st.spinner(f"{ok.split(':', 1)[0]}: updating its sync jobs…"), session_scope() as s:
             fn(session=s, principal=p, **kwargs)
     except CrmBridgeError as exc:
         show_error(exc)
@@ -89,7 +91,8 @@ cols = st.columns(max(1, min(len(ov.accounts), 3)))
 for i, a in enumerate(ov.accounts):
     with cols[i % len(cols)].container(border=True):
         state = a.sync if a.jobs else "not syncing yet"
-        st.markdown(f"**{md(a.label)}** · {md(a.provider)} · {md(a.credential_mode.replace('_', ' '))}  \n"
+        st.markdown(f"**{md(a.label)}** · {md(human.provider(a.provider))} · "
+                    f"{md(human.credential_mode(a.credential_mode))}  \n"
                     f"Sync {badge(state)}")
         parts = [f"{n} {k}" for k, n in sorted(a.by_sync.items())]
         st.caption(f"{a.jobs} sync job(s): {', '.join(parts) or 'none'}")
@@ -112,14 +115,17 @@ if not users:
             "live and its users are connected.")
     st.stop()
 now = utcnow()
-st.dataframe(
-    [{"User": u.owner, "Account": u.account_label, "CRM": u.provider,
-      "Auth": u.auth, "Sync": u.sync,
-      "Why": u.sync_reason, "Last success": ago(u.last_success_at, now), "Lag": lag_text(u.lag),
-      "In 24 h": u.records_in_24h, "Out 24 h": u.records_out_24h, "Failures in a row": u.consecutive_failures,
-      "Last error": u.last_error or "", "Fix": u.last_error_fix or ""} for u in users],
-    hide_index=True, width="stretch",
-)
+user_rows = [
+    {"User": u.owner, "Account": u.account_label, "CRM": human.provider(u.provider),
+     "Auth": u.auth, "Sync": u.sync,
+     "Why": u.sync_reason, "Last success": ago(u.last_success_at, now), "Lag": lag_text(u.lag),
+     "In 24 h": u.records_in_24h, "Out 24 h": u.records_out_24h, "Failures in a row": u.consecutive_failures,
+     "Last error": u.last_error or "", "Fix": u.last_error_fix or ""} for u in users]
+st.dataframe(user_rows, hide_index=True, width="stretch",
+             column_config={"Why": st.column_config.TextColumn(width="medium"),
+                            "Last error": st.column_config.TextColumn(width="large"),
+                            "Fix": st.column_config.TextColumn(width="large")})
+csv_download(user_rows, "crmbridge-sync-health.csv")
 
 st.subheader("Drill-down")
 labels = {u.job_id: f"{u.owner} — {u.account_label}" for u in users}
@@ -176,7 +182,9 @@ else:
 st.markdown("**Recent errors**")
 if d.errors:
     st.dataframe([{"When": f"{e.at:%Y-%m-%d %H:%M}", "Where": e.what, "Error": e.error, "Fix": e.fix or ""}
-                  for e in d.errors], hide_index=True, width="stretch")
+                  for e in d.errors], hide_index=True, width="stretch",
+                 column_config={"Error": st.column_config.TextColumn(width="large"),
+                                "Fix": st.column_config.TextColumn(width="large")})
 else:
     st.caption("No errors.")
 

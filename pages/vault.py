@@ -66,7 +66,7 @@ else:
     st.write("No sweep has run yet (it runs at console start and from `crmbridge vault sweep`).")
 if st.button("Sweep now"):
     try:
-        with session_scope() as s:
+        with st.spinner("Sweeping the vault: destroying expired and idle credentials…"), session_scope() as s:
             result = service.sweep(s, now=utcnow(), principal=p)
         st.success(f"Destroyed {result.expired} expired and {result.idle} idle credential(s).")
     except CrmBridgeError as exc:

@@ -106,6 +106,66 @@ class TrendPoint:
     edition: str | None = None
 
 
+@dataclass(frozen=True)
+class Figures:
+    """The leadership figures, defined once (issue 16: Overview and Adoption showed different SSO
+    shares). Over the tenants not offboarded, each counted once from its current posture:
+
+    - ``sso_tested``: tenants whose SSO has a valid test login (sso_state "tested");
+    - ``users_sso``: active users who sign in by SSO, of ``users_total`` active users;
+    - ``levels``: tenants at each maturity level (every level present, 0 when none);
+    - ``one_step_away``: tenants whose next level is exactly one action away (maturity.STEPS_PER_FINDING).
+    """
+
+    tenants: int
+    sso_tested: int
+    users_total: int
+    users_sso: int
+    levels: dict[int, int]
+    one_step_away: int
+
+    @property
+    def sso_tested_share(self) -> float:
+        return self.sso_tested / self.tenants if self.tenants else 0.0
+
+    @property
+    def users_sso_share(self) -> float:
+        return self.users_sso / self.users_total if self.users_total else 0.0
+
+    @classmethod
+    def of(cls, current: Iterable[Any]) -> Figures:
+        """The figures over each tenant's current posture (anything with ``level``, ``sso_state``,
+        ``users_total``, ``users_sso`` and ``one_step_away``: a ``TenantPosture`` or a snapshot row)."""
+        tenants = tested = users = users_sso = one_step = 0
+        levels = dict.fromkeys(LEVELS, 0)
+        for t in current:
+            tenants += 1
+            tested += t.sso_state == "tested"
+            users += t.users_total
+            users_sso += t.users_sso
+            levels[t.level] = levels.get(t.level, 0) + 1
+            one_step += bool(t.one_step_away)
+        return cls(tenants, tested, users, users_sso, levels, one_step)
+
+
+@dataclass(frozen=True)
+class TenantRow:
+    """One tenant as leadership sees it: aggregate facts only (no user, no finding evidence)."""
+
+    name: str
+    slug: str
+    crm: str
+    level: int
+    sso_state: str
+    users_total: int
+    users_sso: int
+    to_level: int | None
+    step: str
+    who: str
+    rule: str
+    one_step_away: bool
+
+
 @dataclass
 class AdoptionReport:
     as_of: datetime
@@ -121,6 +181,13 @@ class AdoptionReport:
     trend: list[TrendPoint]
     pipeline: list[PipelineRow]
     sso_trend: list[tuple[date, float, float]] = field(default_factory=list)  # day, tenant share, user share
+    tenant_rows: list[TenantRow] = field(default_factory=list)
+
+    @property
+    def figures(self) -> Figures:
+        """The same figures ``Figures.of`` gives for the current posture this report was built from."""
+        return Figures(self.tenants, self.sso_tested, self.users_total, self.users_sso, dict(self.levels),
+                       len(self.pipeline))
 
     @property
     def sso_tested_share(self) -> float:
@@ -138,6 +205,7 @@ class AdoptionReport:
         for p in d["trend"]:
             p["day"] = p["day"].isoformat()
         d["sso_trend"] = [(day.isoformat(), a, b) for day, a, b in self.sso_trend]
+        d.pop("tenant_rows", None)
         return d
 
 
@@ -148,7 +216,6 @@ def _crm_label(editions: Iterable[tuple[str, str]]) -> str:
 def build_adoption(current: Sequence[TenantPosture], history: Iterable[HistoryPoint], *, now: datetime
                    ) -> AdoptionReport:
     """Aggregate the current posture of every tenant and the daily history into leadership figures."""
-    levels = Counter(t.level for t in current)
     modes = Counter(m for t in current for m in t.modes)
     sso = Counter(t.sso_state for t in current)
     worlds = Counter(t.world for t in current)
@@ -195,10 +262,15 @@ def build_adoption(current: Sequence[TenantPosture], history: Iterable[HistoryPo
          for t in current if t.one_step_away),
         key=lambda r: (-r.level, r.tenant),
     )
+    figs = Figures.of(current)  # the one definition Overview shows too
     return AdoptionReport(
-        as_of=now, tenants=len(current), sso_tested=sso.get("tested", 0),
-        users_total=sum(t.users_total for t in current), users_sso=sum(t.users_sso for t in current),
+        as_of=now, tenants=figs.tenants, sso_tested=figs.sso_tested,
+        users_total=figs.users_total, users_sso=figs.users_sso,
         sso_states={s: sso.get(s, 0) for s in SSO_STATES}, credential_modes={m: modes.get(m, 0) for m in MODES},
-        levels={lvl: levels.get(lvl, 0) for lvl in LEVELS}, worlds=dict(worlds),
+        levels=figs.levels, worlds=dict(worlds),
         by_edition=[rows[k] for k in sorted(rows)], trend=trend, pipeline=pipeline, sso_trend=sso_trend,
+        tenant_rows=sorted((TenantRow(t.name, t.slug, _crm_label(t.editions), t.level, t.sso_state, t.users_total,
+                                      t.users_sso, t.to_level, t.next_title or "", t.next_who or "",
+                                      t.next_rule or "", t.one_step_away) for t in current),
+                           key=lambda r: (r.level, r.name)),
     )

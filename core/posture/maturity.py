@@ -38,6 +38,11 @@ GATING_RULES: dict[int, tuple[str, ...]] = {
 }
 
 
+# Steps a gating finding takes to clear, when more than one: SSO that is not set up needs the IdP
+# metadata imported AND a valid test login (one definition: "one step away" means exactly one step).
+STEPS_PER_FINDING: dict[str, int] = {"sso_missing": 2}
+
+
 @dataclass(frozen=True)
 class NextStep:
     from_level: int
@@ -96,13 +101,15 @@ def assess(t: TenantSnapshot, findings: list[Finding] | None = None) -> Maturity
         return Maturity(level, name, meaning, None, ())
     gating = [f for f in findings if f.rule in GATING_RULES[level]]
     if level == 0:
-        # One unblocked account is enough: the step is the first account's blocker.
+        # One unblocked account is enough: the step is the first account's blocker, and the steps left
+        # are the blockers of the account closest to syncing (an add-on to buy AND a credential to
+        # store is two steps, not one).
         to_level = max(level_of(t, ignore_blockers=True), 1)
         gating = gating[:1]
-        steps_left = 1
+        steps_left = min((max(len(sync_blockers(a, t.taken_at)), 1) for a in t.accounts), default=1)
     else:
         to_level = level + 1
-        steps_left = max(len(gating), 1)
+        steps_left = max(sum(STEPS_PER_FINDING.get(f.rule, 1) for f in gating), 1)
     if gating:
         first = gating[0]
         more = f" ({steps_left - 1} more like it)" if steps_left > 1 else ""

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 from core.posture.snapshot import (
     AccountSnapshot,
@@ -79,6 +80,28 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class ActionTarget:
+    """Where a finding's action is carried out: a console page (its URL path), the key (or, for a link
+    button, the label) of the control on it, and the CRM account whose panel holds the control."""
+
+    page: str  # "tenant" | "sso" | "users_sync"
+    control: str
+    label: str  # the link's text: "Set the attribution field"
+    account_id: int | None = None
+
+    def href(self, slug: str | None = None) -> str:
+        """``/tenant?tenant=acme&account=7#crm_edit_7_attribution_field``: the tenant in focus (ux16a's
+        ``?tenant=slug``), the account whose panel opens, and the control as the anchor."""
+        params = [f"tenant={quote(slug)}"] if slug else []
+        if self.account_id is not None:
+            params.append(f"account={self.account_id}")
+        return f"/{self.page}" + (f"?{'&'.join(params)}" if params else "") + f"#{self.control}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"page": self.page, "control": self.control, "label": self.label, "account_id": self.account_id}
+
+
+@dataclass(frozen=True)
 class Finding:
     rule: str
     severity: str
@@ -91,6 +114,7 @@ class Finding:
     account_label: str | None = None
     world: str | None = None
     affected: tuple[str, ...] = field(default=())  # user labels: tenant views only
+    target: ActionTarget | None = None  # the page and control that carry the action out (set by evaluate)
 
     @property
     def key(self) -> str:
@@ -112,6 +136,7 @@ class Finding:
             "action": self.action,
             "who": self.who,
             "unlocks": self.unlocks,
+            "target": self.target.to_dict() if self.target else None,
         }
         if include_affected:
             d["affected"] = list(self.affected)
@@ -768,9 +793,73 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# Keys of the controls that carry actions out (pages/_crm_accounts.py, pages/_credentials.py, pages/sso.py
+# and pages/users_sync.py create them with these keys; tests/pages/test_action_targets.py checks each one).
+def crm_edit_key(account_id: int, field_name: str) -> str:
+    return f"crm_edit_{account_id}_{field_name}"
+
+
+def crm_mode_key(account_id: int) -> str:
+    return f"crm_mode_{account_id}"
+
+
+def crm_test_key(account_id: int) -> str:
+    return f"crm_test_{account_id}"
+
+
+def crm_add_key(tenant_id: int) -> str:
+    return f"crm_add_provider_{tenant_id}"
+
+
+SSO_METADATA_URL = "sso_url"  # pages/sso.py: the IdP metadata URL input
+SSO_TEST_LOGIN = "Start a test login"  # pages/sso.py: the test-login link button (by its label)
+
+
+def action_target(f: Finding, t: TenantSnapshot) -> ActionTarget | None:
+    """The page and control that carry out ``f``'s action, for every rule (a test checks each)."""
+    acc = next((a for a in t.accounts if a.id == f.account_id), None) if f.account_id is not None else None
+    aid = acc.id if acc is not None else None
+    if f.rule == "no_crm_account":
+        return ActionTarget("tenant", crm_add_key(t.tenant_id), "Add a CRM account")
+    if acc is None or aid is None:
+        if f.rule in ("sso_missing", "idp_cert_expiring"):
+            return ActionTarget("sso", SSO_METADATA_URL, "Import the IdP metadata")
+        if f.rule in ("sso_untested", "sso_failing"):
+            return ActionTarget("sso", SSO_TEST_LOGIN, "Run a test login")
+        if f.rule == "credentials_expiring_together":
+            return ActionTarget("tenant", f"vault_link_{t.tenant_id}", "Create connect links")
+        return None
+    if f.rule == "api_not_available":
+        return ActionTarget("tenant", crm_edit_key(aid, "edition"), "Set the edition after the upgrade", aid)
+    if f.rule == "account_cannot_sync":
+        codes = [b.code for b in sync_blockers(acc, t.taken_at)]
+        if "no_user_credentials" in codes:
+            return ActionTarget("tenant", f"vault_link_{t.tenant_id}", "Create connect links", aid)
+        if "sync" in codes and not {"api_refused", "no_api_credential", "api_credential_failed"} & set(codes):
+            return ActionTarget("users_sync", "sync_account_filter", "Open this account's sync", aid)
+        return ActionTarget("tenant", crm_test_key(aid), "Test the connection", aid)
+    if f.rule in ("per_user_passwords", "no_spare_license"):
+        return ActionTarget("tenant", crm_mode_key(aid), "Change how CRM Bridge signs in", aid)
+    if f.rule == "hubspot_private_app":
+        return ActionTarget("tenant", crm_test_key(aid), "Replace the credentials and test", aid)
+    if f.rule == "api_user_without_attribution":
+        attr = acc.facts.fact("attribution")
+        can = attr.value if attr is not None and isinstance(attr.value, dict) else {}
+        if can.get("impersonation") and acc.provider == "dynamics-365":
+            return ActionTarget("tenant", crm_edit_key(aid, "impersonation"), "Turn on impersonation", aid)
+        if can.get("attribution_field"):
+            return ActionTarget("tenant", crm_edit_key(aid, "attribution_field"), "Set the attribution field", aid)
+        return ActionTarget("tenant", crm_mode_key(aid), "Change how CRM Bridge signs in", aid)
+    if f.rule in ("api_usage_high", "api_usage_forecast"):
+        return ActionTarget("users_sync", f"pause_acc_{aid}", "Pace this account's sync", aid)
+    return None
+
+
 def evaluate(t: TenantSnapshot, rules: Iterable[Rule] = RULES) -> list[Finding]:
-    """Every finding for the tenant, most severe first (then by account and rule)."""
+    """Every finding for the tenant, most severe first (then by account and rule), each with the page
+    and control that carry its action out."""
     found = [f for rule in rules for f in rule(t)]
+    found = [replace(f, target=action_target(f, t)) for f in found]
     return sorted(found, key=lambda f: (f.rank, f.account_label or "", f.rule))
 
 

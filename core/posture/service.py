@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 
 from core.clock import utcnow
 from core.errors import NotFound
-from core.posture.adoption import AdoptionReport, HistoryPoint, TenantPosture, build_adoption
+from core.posture.adoption import AdoptionReport, Figures, HistoryPoint, TenantPosture, build_adoption
 from core.posture.gather import gather_tenant, gather_tenants
 from core.posture.maturity import Maturity, NextStep, assess
 from core.posture.models import PostureSnapshot
@@ -169,6 +169,35 @@ def get_adoption(*, session: Session, principal: Principal, now: datetime | None
     history = [HistoryPoint(day, 0, level, _editions(editions), bool(is_tested), int(users or 0), int(sso or 0),
                             weight=int(n)) for day, level, editions, is_tested, n, users, sso in grouped]
     return build_adoption(current, history, now=now)
+
+
+def adoption_figures(*, session: Session, principal: Principal, now: datetime | None = None) -> Figures:
+    """The leadership figures (tenants, tested SSO, users by SSO, levels, one step away) over exactly the
+    tenants and postures ``get_adoption`` uses — the newest fresh daily row of every tenant not offboarded,
+    a live assessment for the rest — read as a few columns instead of whole rows (for Overview).
+
+    Raises:
+        AccessDenied: tenant admins.
+    """
+    require_aggregate_reader(principal)
+    now = now or utcnow()
+    tenants = set(session.exec(select(Tenant.id).where(Tenant.status != "offboarded")).all())
+    newest = session.exec(select(func.max(PostureSnapshot.day))).one()
+    current: list[Any] = []
+    if newest is not None:
+        rows = session.exec(
+            select(PostureSnapshot.tenant_id, PostureSnapshot.taken_at, PostureSnapshot.level,  # type: ignore[call-overload]
+                   PostureSnapshot.sso_state, PostureSnapshot.users_total, PostureSnapshot.users_sso,
+                   PostureSnapshot.one_step_away).where(PostureSnapshot.day == newest)).all()
+        for row in rows:
+            if row[0] in tenants and now - row[1] <= FRESH:
+                current.append(row)
+    fresh = {r[0] for r in current}
+    stale = [tid for tid in tenants if tid is not None and tid not in fresh]
+    if stale:
+        for snap in gather_tenants(session, stale, now=now):
+            current.append(_tenant_posture(snap, posture_of(snap)))
+    return Figures.of(current)
 
 
 def snapshot_row(snap: TenantSnapshot, report: PostureReport) -> PostureSnapshot:

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from pydantic import SecretStr
 from sqlalchemy.exc import IntegrityError
@@ -296,7 +296,8 @@ def _store_install(done: OAuthCompletion) -> Response:
     as_who = f" as <b>{esc(done.identity)}</b>" if done.identity else ""
     body = (f"<h1>App installed</h1><p>The CRM Bridge app is installed for <b>{esc(done.account.label)}</b>{as_who}, "
             "and a first API call with it passed. CRM Bridge keeps the install's refresh token in the vault; "
-            "uninstalling the app in the CRM revokes it.</p>" + _console_link())
+            "uninstalling the app in the CRM revokes it.</p>"
+            + _console_link(service.tenant_slug_of(done.session, done.account)))
     return html_page("App installed", body)
 
 
@@ -368,8 +369,15 @@ def _credentials_page(title: str, body: str, status: int = 200) -> Response:
     return resp
 
 
-def _console_link() -> str:
-    return f"<p class=note><a href='{esc(get_settings().public('/tenant'))}'>Back to the console</a></p>"
+def console_url(tenant_slug: str | None = None) -> str:
+    """The console's Tenant page with this tenant in focus (``?tenant=``): coming back from a hand-off
+    never lands on another tenant."""
+    query = "?" + urlencode({"tenant": tenant_slug}) if tenant_slug else ""
+    return get_settings().public("/tenant") + query
+
+
+def _console_link(tenant_slug: str | None = None) -> str:
+    return f"<p class=note><a href='{esc(console_url(tenant_slug))}'>Back to the console</a></p>"
 
 
 def _to_sign_in(account_id: int) -> Response:
@@ -442,7 +450,8 @@ def _form_page(view: service.AccountCredentials, csrf: str, *, session_token: st
                 + " through their connect link, never here.</p>") if view.user_fields else ""
     if not view.needs_secret:
         body = (head + f"<p>{esc(view.label)} signs in with {esc(view.auth_mode_title)}, which has no "
-                "account-level secret: there is nothing to enter here.</p>" + per_user + _console_link())
+                "account-level secret: there is nothing to enter here.</p>" + per_user
+                + _console_link(view.tenant_slug))
         return _credentials_page(title, body, status)
     action = get_settings().public(service.CREDENTIALS_PATH.format(account_id=view.account_id))
     checked = " checked" if run_test else ""
@@ -457,7 +466,7 @@ def _form_page(view: service.AccountCredentials, csrf: str, *, session_token: st
         + ("" if view.installs_app else
            f"<label><input type=checkbox name=test value=1{checked}> Test the connection right away</label>")
         + f"<button type=submit>{esc(button)}</button></form>" + _install_html(view, session_token) + per_user
-        + _console_link()
+        + _console_link(view.tenant_slug)
     )
     return _credentials_page(title, body, status)
 
@@ -489,7 +498,8 @@ def _result_page(view: service.AccountCredentials, *, replaced: bool, report: Co
         body += _report_html(report)
     else:
         body += "<p class=note>Run the connection test from the console when you are ready.</p>"
-    return _credentials_page(title, body + _install_html(view, session_token) + _console_link())
+    return _credentials_page(title, body + _install_html(view, session_token)
+                             + _console_link(view.tenant_slug))
 
 
 def _credentials(request: Request, account_id: int, form: dict[str, str] | None) -> Response:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,7 +30,7 @@ from core.providers.transport import CrmUrlPolicy, check_account_urls
 from core.settings import get_settings
 from core.tenants.access import Principal, require_tenant
 from core.tenants.audit import record_event
-from core.tenants.models import CrmAccount
+from core.tenants.models import CrmAccount, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,127 @@ def add_crm_account_settings(
     return account
 
 
+@dataclass(frozen=True)
+class AccountSettingsForm:
+    """What the edit form of an existing CRM account shows: the catalog's non-secret fields for the
+    account's sign-in method with their current values (secrets never appear here)."""
+
+    account_id: int
+    tenant_id: int
+    label: str
+    provider: str
+    edition: str
+    editions: dict[str, str]  # edition id -> name, from the catalog
+    auth_mode: str
+    fields: list[FieldSpec]
+    values: dict[str, str]
+
+
+def account_settings_form(*, session: Session, principal: Principal, account_id: int) -> AccountSettingsForm:
+    """The current non-secret settings of an account, as the catalog form lays them out.
+
+    Raises:
+        AccessDenied (another tenant), NotFound.
+    """
+    account = _load(session, principal, account_id)
+    cat = get_catalog()
+    entry = cat.provider(account.provider)
+    mode = _auth_mode_of(account)
+    settings = _account_settings(account)
+    fields = [f for f in cat.form_fields(account.provider, mode.mode) if not f.secret]
+    values = {f.name: (account.instance_url or "" if f.name == "instance_url" else str(settings.get(f.name) or ""))
+              for f in fields}
+    assert account.id is not None
+    return AccountSettingsForm(account.id, account.tenant_id, account.label, account.provider, account.edition,
+                               {e: entry.editions[e].name for e in entry.editions}, mode.mode, fields, values)
+
+
+def _account_settings(account: CrmAccount) -> dict[str, Any]:
+    try:
+        data = json.loads(account.settings_json or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_crm_account_settings(
+    *,
+    session: Session,
+    principal: Principal,
+    account_id: int,
+    values: Mapping[str, str | None],
+    label: str | None = None,
+    edition: str | None = None,
+    now: datetime | None = None,
+) -> CrmAccount:
+    """Change an existing account's **non-secret** settings (label, edition, the catalog's account and
+    sign-in fields, e.g. the attribution field), checked by the same catalog rules as the add form.
+    The sign-in method and its secrets are not changed here (secrets: the secure form). The audit
+    entry names the changed fields and their new values (all non-secret).
+
+    Raises:
+        AccessDenied (another tenant), NotFound (account, edition), InvalidInput (a field, or a secret
+        field given), Conflict (label taken).
+    """
+    now = now or utcnow()
+    account = _load(session, principal, account_id)
+    cat = get_catalog()
+    entry = cat.provider(account.provider)
+    mode = _auth_mode_of(account)
+    specs = cat.form_fields(account.provider, mode.mode)
+    secret_names = {f.name for f in specs if f.secret}
+    if secret_names & set(values):
+        raise InvalidInput("Secret fields are not entered in the console: use the secure credentials form.")
+    unknown = set(values) - {f.name for f in specs}
+    if unknown:
+        raise InvalidInput(f"Unexpected fields: {', '.join(sorted(unknown))}.")
+    settings = _account_settings(account)
+    changes: dict[str, Any] = {}
+    for f in specs:
+        if f.secret or f.name not in values:
+            continue
+        current = account.instance_url if f.name == "instance_url" else settings.get(f.name)
+        if (values.get(f.name) or "").strip() == str(current or "").strip():
+            continue  # unchanged: an older account missing a now-required field can still be edited
+        value = f.check(values.get(f.name))
+        if f.name == "instance_url":
+            if value and value != account.instance_url:
+                changes[f.name] = value
+                account.instance_url = value
+            continue
+        if (settings.get(f.name) or None) != value:
+            changes[f.name] = value
+            if value is None:
+                settings.pop(f.name, None)
+            else:
+                settings[f.name] = value
+    if label is not None:
+        new_label = label.strip()
+        if not new_label or len(new_label) > 120:
+            raise InvalidInput("Give the CRM account a label of 1–120 characters (e.g. 'EMEA sales').")
+        if new_label != account.label:
+            taken = session.exec(select(CrmAccount.id).where(CrmAccount.tenant_id == account.tenant_id,
+                                                             CrmAccount.label == new_label)).first()
+            if taken is not None:
+                raise Conflict(f"This tenant already has a CRM account labelled {new_label!r}: choose another label.")
+            changes["label"] = new_label
+            account.label = new_label
+    if edition is not None and edition != account.edition:
+        entry.edition(edition)  # NotFound names the editions
+        changes["edition"] = edition
+        account.edition = edition
+    if not changes:
+        return account
+    settings["auth_mode"] = settings.get("auth_mode") or mode.mode
+    account.settings_json = json.dumps(settings, sort_keys=True)
+    session.add(account)
+    session.flush()
+    record_event(session, principal=principal, action="crm_account.update", tenant_id=account.tenant_id,
+                 target=f"crm_account:{account.id}", at=now,
+                 details={"changed": sorted(changes), "values": changes})
+    return account
+
+
 # -- account credentials (entered in the secure HTML form, never in Streamlit) -------------------------
 CREDENTIALS_PATH = "/crm-accounts/{account_id}/credentials"
 NO_CREDENTIAL_STATES = frozenset({"not connected", "reconnect needed"})
@@ -270,6 +392,16 @@ def _auth_mode_of(account: CrmAccount) -> Any:
     return modes[0]
 
 
+def _tenant_slug(session: Session, tenant_id: int) -> str:
+    tenant = session.get(Tenant, tenant_id)
+    return tenant.slug if tenant is not None else ""
+
+
+def tenant_slug_of(session: Session, account: CrmAccount) -> str:
+    """The slug of an account's tenant (the console's address for it)."""
+    return _tenant_slug(session, account.tenant_id)
+
+
 @dataclass(frozen=True)
 class AccountCredentials:
     """What the secure form asks for an account, and whether the vault holds it (never the secret)."""
@@ -287,6 +419,7 @@ class AccountCredentials:
     state: str  # the vault slot: connected / failed / invalid / reconnect needed / not connected
     stored_at: datetime | None = None
     stored_by: str | None = None
+    tenant_slug: str = ""  # the console's "Back to the console" keeps this tenant in focus
 
     @property
     def url(self) -> str:
@@ -337,6 +470,7 @@ def _credentials_of(session: Session, account: CrmAccount) -> AccountCredentials
         auth_mode=auth_mode, auth_mode_title=title, fields=fields, user_fields=user_fields, state=state,
         stored_at=aware(row.created_at) if row is not None else None,
         stored_by=row.stored_by if row is not None else None,
+        tenant_slug=_tenant_slug(session, account.tenant_id),
     )
 
 
@@ -703,11 +837,42 @@ class QuotaGauge:
             return "No API usage recorded yet: run a connection test."
         if self.status == "exhausted":
             return "The allocation is used up: calls fail with REQUEST_LIMIT_EXCEEDED until the window frees."
-        if self.exhausted_at is None:
-            return "At the current rate the allocation does not run out."
-        hours = (self.exhausted_at - now).total_seconds() / 3600
-        when = self.exhausted_at.strftime("%Y-%m-%d %H:%M UTC")
-        return f"At {self.rate_per_hour:,.0f} calls/hour the allocation runs out in {hours:,.1f} h ({when})."
+        name, span, rolling = window_terms(self.window)
+        rate = f" ({self.rate_per_hour:,.0f} calls/hour)" if self.rate_per_hour else ""
+        lasts = f"At this rate{rate} the {name} allocation will last the window."
+        if self.exhausted_at is None or not self.rate_per_hour:
+            return lasts
+        # A rolling window frees the calls made ``span`` ago: at a steady rate the usage levels off at
+        # rate × span, so it runs out only when that exceeds the limit. A fixed window resets after ``span``.
+        levels_off_at = self.rate_per_hour * span.total_seconds() / 3600 if span is not None else None
+        if rolling and levels_off_at is not None and self.limit is not None and levels_off_at <= self.limit:
+            return lasts
+        if span is not None and self.exhausted_at - now > span:
+            return lasts
+        when = self.exhausted_at.strftime("%H:%M UTC")
+        if self.exhausted_at.date() != now.date():
+            when = self.exhausted_at.strftime("%a %d %b %H:%M UTC")
+        return f"At this rate{rate} the {name} allocation is used up by {when}."
+
+
+def window_terms(window: str | None) -> tuple[str, timedelta | None, bool]:
+    """The vendor's quota window in words: ("24-hour", 24 h, rolling) for "24h rolling", ("daily",
+    1 day, fixed) for "day", ("5-minute", 5 min, rolling) for "5min", ("10-second", ...) for "10s"."""
+    text = (window or "").strip().lower()
+    rolling = "rolling" in text or text.endswith(("min", "s")) and not text.endswith("ms")
+    m = re.match(r"^(\d+)\s*(h|hour|hours|min|m|s|sec|d|day|days)\b", text)
+    if text in ("day", "daily"):
+        return "daily", timedelta(days=1), False
+    if m is None:
+        return (text or "API"), None, rolling
+    n, unit = int(m.group(1)), m.group(2)
+    if unit in ("h", "hour", "hours"):
+        return f"{n}-hour", timedelta(hours=n), rolling
+    if unit in ("min", "m"):
+        return f"{n}-minute", timedelta(minutes=n), True
+    if unit in ("s", "sec"):
+        return f"{n}-second", timedelta(seconds=n), True
+    return (f"{n}-day" if n != 1 else "daily"), timedelta(days=n), rolling
 
 
 def quota_gauge(

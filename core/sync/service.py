@@ -335,3 +335,69 @@ def lag_text(lag: timedelta | None) -> str:
     if secs < 86400:
         return f"{secs // 3600} h {secs % 3600 // 60} min"
     return f"{secs // 86400} d {secs % 86400 // 3600} h"
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    """A CRM account's status as a person reads it, from whichever is newer: its latest connection
+    test or its latest finished sync run (so a live, syncing account never reads "never tested")."""
+
+    crm_account_id: int
+    state: str  # new | connected | failing | syncing | sync failing | rate limited | paused
+    label: str  # "syncing (last run 5 min ago)", "never tested", ...
+    at: datetime | None
+    source: str  # "test" | "sync" | "none"
+
+
+_RUN_STATES = {RunStatus.success.value: "syncing", RunStatus.partial.value: "syncing (some records rejected)",
+               RunStatus.failed.value: "sync failing", RunStatus.reconnect_needed.value: "sync failing",
+               RunStatus.rate_limited.value: "rate limited"}
+
+
+def _ago(at: datetime, now: datetime) -> str:
+    secs = max((now - at).total_seconds(), 0)
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if secs >= n:
+            return f"{int(secs // n)} {unit} ago"
+    return "just now"
+
+
+def account_statuses(*, session: Session, principal: Principal, tenant_id: int, now: datetime | None = None
+                     ) -> dict[int, AccountStatus]:
+    """Each of the tenant's CRM accounts' status (one definition, for every page that shows it).
+
+    Raises:
+        AccessDenied: another tenant's admin, or leadership.
+    """
+    require_tenant(principal, tenant_id)
+    now = now or utcnow()
+    accounts = session.exec(select(CrmAccount).where(CrmAccount.tenant_id == tenant_id)).all()
+    newest = dict(session.exec(
+        select(SyncRun.crm_account_id, func.max(SyncRun.finished_at))  # type: ignore[call-overload]
+        .where(SyncRun.tenant_id == tenant_id, col(SyncRun.finished_at).is_not(None),
+               col(SyncRun.status).in_(list(_RUN_STATES)))
+        .group_by(col(SyncRun.crm_account_id))).all())
+    paused = {s.crm_account_id for s in session.exec(
+        select(SyncAccountState).where(SyncAccountState.tenant_id == tenant_id)).all() if s.paused_by}
+    out: dict[int, AccountStatus] = {}
+    for a in accounts:
+        assert a.id is not None
+        run_at = aware(newest.get(a.id))
+        test_at = aware(a.last_test_at)
+        if a.id in paused:
+            out[a.id] = AccountStatus(a.id, "paused", "paused by an admin", run_at or test_at,
+                                      "sync" if run_at else "test" if test_at else "none")
+        elif run_at is not None and (test_at is None or run_at >= test_at):
+            status = session.exec(select(SyncRun.status).where(SyncRun.crm_account_id == a.id,
+                                                               SyncRun.finished_at == newest[a.id])).first()
+            state = _RUN_STATES.get(str(status), "syncing")
+            out[a.id] = AccountStatus(a.id, state.split(" (")[0], f"{state} · last sync {_ago(run_at, now)}",
+                                      run_at, "sync")
+        elif test_at is not None:
+            state = "connected" if a.last_test_ok else "failing"
+            verdict = "passed" if a.last_test_ok else "failed"
+            out[a.id] = AccountStatus(a.id, state, f"{state} · connection test {verdict} {_ago(test_at, now)}",
+                                      test_at, "test")
+        else:
+            out[a.id] = AccountStatus(a.id, "new", "new · never tested", None, "none")
+    return out

@@ -17,22 +17,16 @@ from datetime import datetime
 from sqlalchemy import func
 from sqlmodel import Field, Session, SQLModel, select
 
+from core import labels
 from core.clock import utcnow
 from core.db import utc_column
 from core.errors import InvalidInput
+from core.labels import credential_mode as credential_mode_label
 from core.tenants.access import Principal, require_staff, require_tenant
 from core.tenants.audit import record_event
 from core.tenants.models import ONBOARDING_STEPS, AppUser, CrmAccount, Tenant, TenantStatus
 
-STEP_TITLES = {
-    "tenant": "Tenant",
-    "crm_accounts": "CRM accounts",
-    "credential_mode": "Credential mode",
-    "connection_test": "Connection test",
-    "sso": "Single sign-on",
-    "users": "Users",
-    "go_live": "Go live",
-}
+STEP_TITLES = labels.ONBOARDING_STEPS  # one wording for each step, shared with the pages
 DEFERRABLE = {"connection_test", "sso", "users"}
 HANDED_TO_TENANT = {"credential_mode", "connection_test", "sso", "users"}
 
@@ -101,7 +95,7 @@ def _check_credential_mode(session: Session, tenant: Tenant) -> tuple[bool, str]
     accs = _accounts(session, tenant)
     if not accs:
         return False, "add a CRM account first"
-    modes = ", ".join(f"{a.label}: {a.credential_mode.replace('_', ' ')}" for a in accs)
+    modes = ", ".join(f"{a.label}: {credential_mode_label(a.credential_mode)}" for a in accs)
     return True, modes
 
 

@@ -15,6 +15,7 @@ from sqlmodel import Session, col, select
 
 from core.clock import utcnow
 from core.errors import Conflict, InvalidInput, NotFound
+from core.export import csv_cell
 from core.tenants.access import (
     Principal,
     require_staff,
@@ -75,6 +76,60 @@ def get_tenant_by_slug(*, session: Session, principal: Principal, slug: str) -> 
         raise NotFound(f"No tenant {slug!r}: check the address.")
     require_tenant(principal, tenant.id)  # type: ignore[arg-type]
     return tenant
+
+
+def resolve_focus(*, session: Session, principal: Principal, slug: str | None) -> Tenant | None:
+    """The tenant in focus for this principal, named by its slug (the console's ``?tenant=`` address).
+
+    A tenant admin's focus is always their own tenant: no slug means it, their own slug means it, any
+    other slug is refused (AccessDenied naming the fix), never swapped for another tenant in silence.
+    Staff get the tenant the slug names (NotFound when there is none); no slug: no focus yet (None).
+    Leadership reads aggregates only: no tenant is ever in their focus."""
+    from core.errors import AccessDenied
+
+    wanted = (slug or "").strip().lower() or None
+    if principal.is_tenant_admin:
+        own = session.get(Tenant, principal.tenant_id) if principal.tenant_id is not None else None
+        if own is None:
+            raise AccessDenied("Your console account is not linked to a tenant: ask CRM Bridge staff.")
+        if wanted is not None and wanted != own.slug:
+            raise AccessDenied(f"The address names tenant {wanted!r}, which is not yours: you can only open "
+                               f"{own.name}. Remove ?tenant= from the address or use the links in the console.")
+        return own
+    if principal.is_staff:
+        return get_tenant_by_slug(session=session, principal=principal, slug=wanted) if wanted else None
+    if wanted is not None:
+        raise AccessDenied("Leadership sees figures across tenants, not one tenant's data: remove ?tenant= "
+                           "from the address.")
+    return None
+
+
+@dataclass(frozen=True)
+class TenantChoice:
+    id: int
+    slug: str
+    name: str
+
+
+def tenant_choices(*, session: Session, principal: Principal) -> list[TenantChoice]:
+    """The tenants this principal may put in focus, by name (one light query: the picker on every page)."""
+    q = select(Tenant.id, Tenant.slug, Tenant.name).order_by(col(Tenant.name), col(Tenant.slug))
+    if principal.is_tenant_admin:
+        q = q.where(Tenant.id == principal.tenant_id)
+    elif not principal.is_staff:
+        return []
+    return [TenantChoice(int(i or 0), sl, n) for i, sl, n in session.exec(q).all()]
+
+
+def tenant_names(*, session: Session, principal: Principal, ids: set[int]) -> dict[int, str]:
+    """Names for tenant ids (the audit log shows names, not numbers), limited to the tenants in scope."""
+    from core.tenants.access import can_access_tenant
+
+    wanted = {i for i in ids if can_access_tenant(principal, i)}
+    if not wanted:
+        return {}
+    rows = session.exec(select(Tenant.id, Tenant.name).where(col(Tenant.id).in_(wanted))).all()
+    return {int(i or 0): n for i, n in rows}
 
 
 @dataclass
@@ -300,22 +355,19 @@ def list_audit(
     return list(rows), int(total)
 
 
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _cell(value: object) -> str:
-    s = "" if value is None else str(value)
-    # Spreadsheet formula injection: a cell starting with = + - @ (or tab/CR) is prefixed with '.
-    return "'" + s if s.startswith(_FORMULA_START) else s
+# Spreadsheet formula injection: a cell starting with = + - @ (or tab/CR) is prefixed with ' (core.export).
+_cell = csv_cell
 
 
 def export_audit_csv(*, session: Session, principal: Principal, **filters: Any) -> str:
     rows, _ = list_audit(session=session, principal=principal, limit=100_000, **filters)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["time", "tenant_id", "actor", "role", "action", "target", "via", "details"])
+    names = tenant_names(session=session, principal=principal, ids={r.tenant_id for r in rows if r.tenant_id})
+    w.writerow(["time", "tenant", "actor", "role", "action", "target", "via", "details"])
     for r in rows:
-        w.writerow([_cell(v) for v in (r.occurred_at.isoformat(), r.tenant_id, r.actor, r.actor_role,
+        tenant = names.get(r.tenant_id, "") if r.tenant_id else ""
+        w.writerow([_cell(v) for v in (r.occurred_at.isoformat(), tenant, r.actor, r.actor_role,
                                        r.action, r.target, r.via, r.details)])
     return buf.getvalue()
 

@@ -346,7 +346,7 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     open_page(page, f"{c.url}/onboarding")
     choose(page, "Tenant", f"{TENANT} ({SLUG})")
     for settled_steps, title, check in ((2, "CRM accounts", "Check: 1 CRM account(s)"),
-                                        (3, "Credential mode", "Check: Salesforce: api user"),
+                                        (3, "Credential mode", "Check: Salesforce: API user"),
                                         (4, "Connection test", "Check: all 1 account(s) passed")):
         pick_step(page, title)
         expect(page.get_by_text(check)).to_be_visible()
@@ -406,7 +406,7 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     open_page(page, f"{c.url}/accounts")
     textbox(page, "Email").fill(ADMIN)
     textbox(page, "Name (optional)").fill("Ines Admin")
-    choose(page, "Role", "tenant admin", in_form=True)
+    choose(page, "Role", "Tenant admin", in_form=True)
     choose(page, "Tenant (tenant admins only)", TENANT, in_form=True)
     shot("invite-form")
     press(page, "Send invitation")
@@ -425,11 +425,14 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     shot("go-live-checklist")
     press(page, "Go live")
     expect(page.get_by_text(f"{TENANT} is live.")).to_be_visible()
+    # the wizard stays on the tenant that went live (issue 16): no other tenant's "1 of 7 steps"
+    expect(page.get_by_role("heading", name=f"Onboarding — {TENANT}")).to_be_visible()
+    assert re.search(rf"[?&]tenant={SLUG}\b", page.url), page.url
     shot("live")
 
     open_page(page, f"{c.url}/tenants")
     row = next(r for r in table(page, 0, needs=("Slug",)) if r["Slug"] == SLUG)
-    assert (row["Name"], row["Status"], row["CRM accounts"], row["Users"]) == (TENANT, "live", "1", "1"), row
+    assert (row["Name"], row["Status"], row["CRM accounts"], row["Users"]) == (TENANT, "Live", "1", "1"), row
     shot("tenants-list")
 
 
@@ -573,10 +576,13 @@ def test_4_leadership_sees_the_new_tenant_counted_in_adoption(journey):
     open_page(page, f"{c.url}/adoption")
     assert int(metric(page, "Tenants")) == before + 1
     assert metric(page, "Tenants with tested SSO") == tested_share
-    expect(page.get_by_role("heading", name="Upgrade pipeline")).to_be_visible()
-    pipeline = {r["Tenant"]: r for r in table_after(page, "Upgrade pipeline", needs=("Tenant",))}
-    assert TENANT in pipeline, pipeline
-    assert pipeline[TENANT]["Level"] == "3 SSO tested" and pipeline[TENANT]["Next level"] == "4 Fully attributed"
+    expect(page.get_by_role("heading", name="Upgrade pipeline: next step and who acts")).to_be_visible()
+    # the pipeline is a chart; the tenants with their level, next step and who acts are in the table below it
+    listed = {r["Tenant"]: r for r in table_after(page, "All tenants", needs=("Tenant", "Next step", "Who acts"))}
+    assert TENANT in listed, listed
+    row = listed[TENANT]
+    assert row["Level"] == "3 SSO tested", row
+    assert "API-user writes not attributed" in row["Next step"] and row["Who acts"] == "Tenant admin", row
     shot("adoption-after")
     open_page(page, f"{c.url}/")
     assert int(metric(page, "Tenants")) == before + 1

@@ -240,7 +240,7 @@ def test_quota_gauge_and_forecast(app_db):
     assert len(charts) == 1
     figure = json.loads(charts[0].proto.spec)
     assert figure["data"][0]["type"] == "indicator" and figure["data"][0]["value"] == 85_000
-    assert any("runs out in" in unescape_md(w.value) for w in at.warning), _all_text(at)
+    assert any("24-hour allocation is used up by" in unescape_md(w.value) for w in at.warning), _all_text(at)
 
 
 def test_another_tenants_admin_sees_an_error_not_the_account(app_db):

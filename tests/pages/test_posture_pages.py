@@ -139,3 +139,36 @@ def test_adoption_refuses_tenant_admins(app_db):
     at = run_page("adoption.py", _admin(slugs, "tinyco"))
     assert at.error and "staff and leadership" in unescape_md(at.error[0].value)
     assert "Upgrade pipeline" not in page_text(at)
+
+
+def _figures(at) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {m.label: str(m.value) for m in at.metric}
+
+
+def _levels_shown(at) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Tenants per maturity level as the page's caption states them (both pages print the same words)."""
+    import re
+
+    for c in at.caption:
+        if str(c.value).startswith("Maturity levels:"):
+            return {f"level {k}": int(v) for k, v in re.findall(r"level (\d): (\d+)", str(c.value))}
+    return {}
+
+
+def test_overview_and_adoption_show_the_same_sso_and_maturity_figures(app_db):
+    """Issue 16: leadership Overview said 17 % of tenants had tested SSO while Adoption said 29 %, and
+    "one step from the next level" always equalled the tenant count. Both pages now read one core
+    definition: rendered from the same data they agree, and one-step counts only one-action tenants."""
+    _world(app_db, history=True)
+    for who in (LEAD, STAFF):
+        overview = run_page("overview.py", who)
+        adoption = run_page("adoption.py", who)
+        assert not overview.exception and not adoption.exception
+        o, a = _figures(overview), _figures(adoption)
+        for label in ("Tenants", "Tenants with tested SSO", "Users signing in by SSO", "One step from the next level"):
+            assert o[label] == a[label], (who.role, label, o[label], a[label])
+        assert o["Tenants with tested SSO"] == "17%"
+        levels_o, levels_a = _levels_shown(overview), _levels_shown(adoption)
+        assert levels_o and levels_o == levels_a
+        assert sum(levels_o.values()) == int(o["Tenants"])
+        assert int(o["One step from the next level"]) < int(o["Tenants"])

@@ -75,7 +75,9 @@ def test_staff_imports_metadata_and_sees_the_sp_details(app_db: Engine, tenants:
     assert "IdP configuration saved" in page_text(at)
     cfg = _config(app_db, tenants["bigcorp"])
     assert cfg is not None and cfg.idp_entity_id == "urn:crmbridge:sandbox:idp:bigcorp"
-    assert "Start a test login" in [b.label for b in at.get("link_button")]
+    # a link that opens in this tab (st.html, no target=_blank), back to this tenant's SSO page
+    links = [h.proto.body for h in at.get("html")]
+    assert any(">Start a test login</a>" in b and "target" not in b for b in links), links
     # SP metadata to hand to the IdP.
     _button(at, "Prepare SP metadata").click().run()
     assert not at.exception and at.session_state["sso_sp_xml"].startswith("<?xml")

@@ -74,7 +74,7 @@ def test_staff_sees_health_table_tiles_filters_and_drill_down(app_db: Engine) ->
     for email in ("ana@acme.example", "bo@acme.example", "cy@acme.example"):
         assert email in text
     assert "failing" in text and "reconnect needed" in text and "3 failed runs in a row" in text
-    assert "**acme org** · salesforce" in text and ":red-badge[failing]" in text  # the account tile
+    assert "**acme org** · Salesforce" in text and ":red-badge[failing]" in text  # the account tile
     assert "sync retries by itself" in text  # the last error's fix
     at.selectbox(key="sync_state_filter").select("failing").run()
     table = at.dataframe[0].value.to_csv()

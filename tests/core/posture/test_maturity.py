@@ -112,3 +112,20 @@ def test_sync_health_can_drop_a_tenant_to_level_0():
     sick = attributed(sync=SyncAbility(can_sync=False, reason="paused by an admin"))
     assert level_of(tenant(sick, sso=TESTED_SSO)) == 0
     assert level_of(tenant(attributed(sync=SyncAbility(can_sync=None)), sso=TESTED_SSO)) == 4
+
+
+def test_one_step_away_means_one_action_not_every_tenant():
+    """Issue 16: "one step from the next level" always equalled the tenant count. SSO that is not set
+    up is two actions (import the IdP metadata, then a valid test login); an untested one is one."""
+    missing = assess(tenant(attributed(), sso=SsoState()))
+    untested = assess(tenant(attributed(), sso=UNTESTED))
+    assert missing.next_step is not None and missing.next_step.steps_left == 2 and not missing.one_step_away
+    assert untested.next_step is not None and untested.next_step.steps_left == 1 and untested.one_step_away
+
+
+def test_level_0_counts_the_blockers_of_the_account_closest_to_syncing():
+    # no API credential and no passing test on an add-on edition: buy the add-on AND store a credential
+    blocked = tenant(account(edition="professional", credentials=()))
+    m = assess(blocked)
+    assert m.level == 0 and m.next_step is not None
+    assert m.next_step.steps_left >= 2 and not m.one_step_away

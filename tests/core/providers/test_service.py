@@ -111,7 +111,9 @@ def test_quota_forecast_from_recent_samples(session, staff, tenant, clock):
     assert g.used == 4000 and g.fraction == pytest.approx(0.4) and g.status == "ok"
     assert g.rate_per_hour == pytest.approx(1000)
     assert g.exhausted_at == clock() + timedelta(hours=6)
-    assert "runs out in 6.0 h" in g.forecast_text(clock())
+    text = g.forecast_text(clock())
+    assert "the 24-hour allocation is used up by" in text and " h " not in text
+    assert (clock() + timedelta(hours=6)).strftime("%H:%M") in text
     service.record_api_usage(session=session, principal=staff, account_id=acc.id, usage=ApiUsage(
         used=9_500, limit=10_000, window="24h rolling", observed_at=clock()))
     assert service.quota_gauge(session=session, principal=staff, account_id=acc.id, now=clock()).status == "critical"
@@ -231,3 +233,53 @@ def test_a_new_user_credential_is_checked_before_it_is_stored(session, staff, te
                                            "security_token": "TKNUMA0002"})
     assert not bad.ok and bad.failed_step.code == "INVALID_LOGIN"
     assert session.get(CrmAccount, acc.id).last_test_at is None  # a check is not a stored test
+
+
+def test_quota_forecast_speaks_in_the_vendors_window_not_in_thousands_of_hours(session, staff, tenant, clock):
+    """Issue 16: a slow trickle forecast "runs out in 8,313 h" for a rolling 24-hour limit; at a rate
+    whose 24 hours stay under the limit the allocation lasts the window."""
+    acc = CrmAccount(tenant_id=tenant.id, provider="salesforce", edition="enterprise", label="Slow",
+                     instance_url="https://a.example")
+    session.add(acc)
+    session.commit()
+    start = clock() - timedelta(hours=3)
+    for i in range(4):
+        service.record_api_usage(session=session, principal=staff, account_id=acc.id, now=clock(), usage=ApiUsage(
+            used=1000 + 5 * i, limit=100_000, window="24h rolling", observed_at=start + timedelta(hours=i)))
+    g = service.quota_gauge(session=session, principal=staff, account_id=acc.id, now=clock())
+    text = g.forecast_text(clock())
+    assert text == "At this rate (5 calls/hour) the 24-hour allocation will last the window."
+    assert "h (" not in text and "8," not in text
+
+
+def test_editing_an_accounts_settings_is_scoped_checked_and_audited(session, staff, tenant):
+    """Issue 16: posture tells an admin to set the attribution field; the edit service does it, with the
+    catalog's checks, the tenant's scope and an audit entry, and never takes a secret."""
+    acc = service.add_crm_account_settings(
+        session=session, principal=staff, tenant_id=tenant.id, provider="salesforce", edition="enterprise",
+        label="EMEA", auth_mode="oauth_client_credentials",
+        values={"instance_url": "https://emea.my.salesforce.com", "client_id": "3MVG9abc"})
+    admin = admin_of(tenant)
+    form = service.account_settings_form(session=session, principal=admin, account_id=acc.id)
+    assert "attribution_field" in {f.name for f in form.fields}
+    assert not any(f.secret for f in form.fields) and form.values["client_id"] == "3MVG9abc"
+    with pytest.raises(InvalidInput, match="Attribution field"):
+        service.update_crm_account_settings(session=session, principal=admin, account_id=acc.id,
+                                            values={"attribution_field": "not a field"})
+    with pytest.raises(InvalidInput, match="secure"):
+        service.update_crm_account_settings(session=session, principal=admin, account_id=acc.id,
+                                            values={"client_secret": "s3cret-canary"})
+    other = admin_of(make_tenant(session, "globex"))
+    with pytest.raises(AccessDenied):
+        service.update_crm_account_settings(session=session, principal=other, account_id=acc.id,
+                                            values={"attribution_field": "CrmBridge_Actor__c"})
+    service.update_crm_account_settings(session=session, principal=admin, account_id=acc.id, label="EMEA sales",
+                                        values={"attribution_field": "CrmBridge_Actor__c"})
+    session.commit()
+    saved = session.get(CrmAccount, acc.id)
+    assert saved.label == "EMEA sales"
+    assert json.loads(saved.settings_json)["attribution_field"] == "CrmBridge_Actor__c"
+    assert json.loads(saved.settings_json)["client_id"] == "3MVG9abc"
+    event = session.exec(select(AuditEvent).where(AuditEvent.action == "crm_account.update")).one()
+    assert event.actor == admin.email and "attribution_field" in event.details
+    assert "s3cret-canary" not in event.details
