@@ -26,7 +26,7 @@ from core.errors import CrmBridgeError, NotFound, SessionInvalid
 from core.http_guard import SAML_AUTOSUBMIT_SCRIPT
 from core.ratelimit import RateLimiter
 from core.settings import get_settings
-from core.sso.common import PURPOSE_CONNECT, PURPOSE_TEST, AcsOutcome
+from core.sso.common import PURPOSE_CONNECT, PURPOSE_TEST, AcsOutcome, tenant_by_slug
 from core.sso.connect import CONNECT_PASS_COOKIE, CONNECT_PASS_TTL, start_connect_login
 from core.sso.keys import sp_metadata
 from core.sso.signin import consume_response, start_login
@@ -160,11 +160,10 @@ async def test(request: Request) -> Response:
 
     def work() -> AuthnStart:
         from core.tenants.auth import principal_from_token
-        from core.tenants.service import get_tenant_by_slug
 
         with session_scope() as s:
             principal = principal_from_token(s, token)
-            tenant = get_tenant_by_slug(session=s, principal=principal, slug=slug)
+            tenant = tenant_by_slug(s, slug)  # start_test_login checks the principal may act for it
             return start_test_login(session=s, principal=principal, tenant_id=tenant.id)  # type: ignore[arg-type]
 
     try:
