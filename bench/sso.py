@@ -5,7 +5,7 @@ acs_ratio      = median time of the ACS route handling a valid signed response, 
                  check and consumption, python3-saml strict validation, clock-skew bound, replay cache,
                  tenant-admin lookup, session row + audit event, commit, cookie) / median time of
                  python3-saml's bare ``OneLogin_Saml2_Auth.process_response`` on the same response with
-                 prebuilt settings, in the same run. Target <= 1.5.
+                 prebuilt settings, in the same run. Target <= 1.3 (issue 18).
 lint_median_ms = median over every file in ../shared/samples/idp-metadata of that file's median lint time.
 aggregate_ms   = median lint time of the ~940 KB signed SWAMID aggregate (signature verified, one IdP
                  chosen by entity ID). Target < 1,000 ms.
@@ -252,7 +252,7 @@ def main() -> int:
           f"{_ms(m['acs_wall']):.2f} ms wall")
     print(f"python3-saml process_response (prebuilt settings, same responses), median: {_ms(m['bare_cpu']):.2f} ms "
           f"CPU, {_ms(m['bare_wall']):.2f} ms wall")
-    print(f"acs_ratio by CPU time {ratio:.2f}; by wall-clock time {m['acs_wall'] / m['bare_wall']:.2f} (target <= 1.5)")
+    print(f"acs_ratio by CPU time {ratio:.2f}; by wall-clock time {m['acs_wall'] / m['bare_wall']:.2f} (target <= 1.3)")
     print(f"like for like: python3-saml with the ACS's compiled-schema cache: median {_ms(m['cached_cpu']):.2f} ms "
           f"CPU; ACS / that = {m['acs_cpu'] / m['cached_cpu']:.2f} (the ACS validates against python3-saml's own "
           "XSD compiled once per thread; python3-saml as shipped re-compiles it for every response)")

@@ -29,7 +29,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from sqlalchemy import bindparam, func, insert, update
 from sqlalchemy import select as sa_select
@@ -229,6 +230,13 @@ _EVENT_T = AuditEvent.__table__  # type: ignore[attr-defined]
 _HEAD_T = AuditHead.__table__  # type: ignore[attr-defined]
 _LEAN_HEAD = sa_select(_HEAD_T.c.seq, _HEAD_T.c.last_hmac, _HEAD_T.c.mac).where(
     _HEAD_T.c.chain == bindparam("chain"))
+_LEAN_HEAD_PG = _LEAN_HEAD.with_for_update()
+# Built once with bound parameters: building a statement with .values(...) cost more than running it.
+_LEAN_INSERT = insert(_EVENT_T).values({c: bindparam(f"p_{c}") for c in (
+    "chain", "seq", "occurred_at", "tenant_id", "actor", "actor_role", "action", "target", "details", "via",
+    "prev_hmac", "hmac")})
+_LEAN_ADVANCE = update(_HEAD_T).where(_HEAD_T.c.chain == bindparam("p_chain")).values(
+    seq=bindparam("p_seq"), last_hmac=bindparam("p_last_hmac"), mac=bindparam("p_mac"))
 
 
 def record_event_lean(
@@ -242,31 +250,30 @@ def record_event_lean(
     via: str | None = None,
     at: datetime,
 ) -> None:
-    """``record_event`` in three Core statements on the session's connection (head locked, row
-    inserted, head advanced with its MAC), without the ORM's unit of work: the same row, HMAC and
-    head MAC, for hot paths (the ACS's sign-in). A chain without a head yet goes through
-    ``record_event`` (it joins the global seal). Use it only in a transaction that has not loaded
-    this chain's head through the ORM (the ORM copy would be stale)."""
+    """``record_event`` in three prebuilt Core statements on the session's connection (head locked, row
+    inserted, head advanced with its MAC), with no ORM object: the same row, HMAC and head MAC, for hot
+    paths (the ACS's sign-in). A chain without a head yet goes through ``record_event`` (it joins the
+    global seal). Use it only in a transaction that has not loaded this chain's head through the ORM
+    (the ORM copy would be stale)."""
     chain = chain_name(tenant_id)
-    q = _LEAN_HEAD.with_for_update() if _is_pg(session) else _LEAN_HEAD
     conn = session.connection()
-    head = conn.execute(q, {"chain": chain}).first()
+    head = conn.execute(_LEAN_HEAD_PG if conn.dialect.name == "postgresql" else _LEAN_HEAD, {"chain": chain}).first()
     if head is None:
         record_event(session, principal=principal, action=action, tenant_id=tenant_id, target=target,
                      details=details, via=via, at=at)
         return
-    ev = AuditEvent(
+    ev = SimpleNamespace(
         chain=chain, seq=head[0] + 1, occurred_at=at, tenant_id=tenant_id,
         actor=(principal.email if isinstance(principal, Principal) else str(principal))[:254],
         actor_role=principal.role if isinstance(principal, Principal) else "app_user", action=action,
         target=target[:300], details=json.dumps(details or {}, sort_keys=True, default=str), via=via,
-        prev_hmac=head[1], hmac="",
+        prev_hmac=head[1],
     )
-    ev.hmac = compute_hmac(ev, head[1], audit_key())
-    conn.execute(insert(_EVENT_T).values({c: getattr(ev, c) for c in _EVENT_COLUMNS}))
-    conn.execute(update(_HEAD_T).where(_HEAD_T.c.chain == chain).values(
-        seq=ev.seq, last_hmac=ev.hmac, mac=head_mac(head_key(), chain, ev.seq, ev.hmac) if head[2] is not None
-        else None))
+    ev.hmac = compute_hmac(cast(AuditEvent, ev), head[1], audit_key())
+    conn.execute(_LEAN_INSERT, {f"p_{c}": v for c, v in vars(ev).items()})
+    conn.execute(_LEAN_ADVANCE, {"p_chain": chain, "p_seq": ev.seq, "p_last_hmac": ev.hmac,
+                                 "p_mac": head_mac(head_key(), chain, ev.seq, ev.hmac) if head[2] is not None
+                                 else None})
 
 
 @dataclass(frozen=True)

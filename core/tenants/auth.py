@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import insert, update
+from sqlalchemy import bindparam, insert, update
 from sqlmodel import Session, select
 
 from core.clock import utcnow
@@ -240,6 +240,11 @@ def start_session(
 
 _SESSION_T = ConsoleSession.__table__  # type: ignore[attr-defined]
 _ACCOUNT_T = ConsoleAccount.__table__  # type: ignore[attr-defined]
+# Built once with bound parameters (building a statement per call cost more than running it).
+_LEAN_SESSION = insert(_SESSION_T).values({c: bindparam(f"p_{c}") for c in (
+    "token_hash", "account_id", "method", "created_at", "last_seen_at", "expires_at")})
+_LEAN_SIGNED_IN = update(_ACCOUNT_T).where(_ACCOUNT_T.c.id == bindparam("p_id")).values(
+    last_sign_in_at=bindparam("p_at"))
 
 
 def start_session_lean(session: Session, *, account: Principal, method: str, now: datetime) -> str:
@@ -251,11 +256,12 @@ def start_session_lean(session: Session, *, account: Principal, method: str, now
     token = secrets.token_urlsafe(32)
     hours = timedelta(hours=get_settings().session_absolute_hours)
     conn = session.connection()
-    conn.execute(insert(_SESSION_T).values(token_hash=_token_hash(token), account_id=account.account_id,
-                                           method=method, created_at=now, last_seen_at=now, expires_at=now + hours))
+    conn.execute(_LEAN_SESSION, {"p_token_hash": _token_hash(token), "p_account_id": account.account_id,
+                                 "p_method": method, "p_created_at": now, "p_last_seen_at": now,
+                                 "p_expires_at": now + hours})
     record_event_lean(session, principal=account, action="session.start", tenant_id=account.tenant_id,
                       target=f"console_account:{account.account_id}", details={"method": method}, at=now)
-    conn.execute(update(_ACCOUNT_T).where(_ACCOUNT_T.c.id == account.account_id).values(last_sign_in_at=now))
+    conn.execute(_LEAN_SIGNED_IN, {"p_id": account.account_id, "p_at": now})
     return token
 
 

@@ -3,12 +3,15 @@ ACS. Test logins, tenant-admin sign-in, and every way a response must be refused
 
 from __future__ import annotations
 
+import json
 from urllib.parse import parse_qs, urlsplit
 
 from sqlmodel import func, select
 
+from core.clock import aware
 from core.sso.lint import lint_metadata
 from core.sso.models import SsoConfig, SsoRequest, SsoTrace
+from core.tenants.audit import verify_chain
 from core.tenants.auth import principal_from_token
 from core.tenants.models import AuditEvent, ConsoleSession
 from core.web import SESSION_COOKIE
@@ -84,6 +87,14 @@ def test_tenant_admin_signs_in_through_sso_with_relative_relay_state(sso_world: 
         row = s.exec(select(ConsoleSession)).one()
     assert (p.role, p.email, p.tenant_id) == ("tenant_admin", "admin@bigcorp.example", w.bigcorp.id)
     assert row.method == "sso"
+    # The ACS writes its session.start event on a lean path (prebuilt statements, no ORM object): it is
+    # the event record_event writes, in its place in the tenant's chain, which still verifies end to end.
+    with w.session() as s:
+        ev = s.exec(select(AuditEvent).where(AuditEvent.action == "session.start")).one()
+        assert (ev.actor, ev.actor_role, ev.tenant_id, json.loads(ev.details)) == (
+            "admin@bigcorp.example", "tenant_admin", w.bigcorp.id, {"method": "sso"})
+        assert ev.occurred_at is not None and abs((aware(ev.occurred_at) - aware(row.created_at)).total_seconds()) < 1
+        assert verify_chain(s) == []
 
 
 def test_absolute_relay_state_is_never_followed(sso_world: SsoWorld) -> None:
