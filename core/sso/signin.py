@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -108,38 +109,43 @@ _ACCOUNT_SQL = sa_select(
     col(ConsoleAccount.tenant_id) == bindparam("tenant_id"),
     col(ConsoleAccount.disabled).is_(False),
 )
-_SEEN_INSERT: dict[str, Any] = {}
+_SEEN_INSERT: dict[tuple[str, int], Any] = {}
 
 
-def _seen_insert(dialect: str) -> Any:
-    """INSERT … ON CONFLICT DO NOTHING RETURNING id, for the dialect (built once)."""
-    stmt = _SEEN_INSERT.get(dialect)
+def _seen_insert(dialect: str, n: int) -> Any:
+    """INSERT of ``n`` rows … ON CONFLICT DO NOTHING RETURNING id, for the dialect (built once per size)."""
+    stmt = _SEEN_INSERT.get((dialect, n))
     if stmt is None:
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         else:
             from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
-        stmt = _SEEN_INSERT[dialect] = (
-            dialect_insert(_SEEN_T).on_conflict_do_nothing(index_elements=["tenant_id", "message_id"])
+        stmt = _SEEN_INSERT[(dialect, n)] = (
+            dialect_insert(_SEEN_T)
+            .values([{"tenant_id": bindparam(f"t{i}"), "message_id": bindparam(f"m{i}"),
+                      "expires_at": bindparam(f"x{i}")} for i in range(n)])
+            .on_conflict_do_nothing(index_elements=["tenant_id", "message_id"])
             .returning(_SEEN_T.c.id)
         )
     return stmt
 
 
-def _remember_ids(session: Session, tenant_id: int, result: ResponseCheck, now: datetime) -> bool:
+def _remember_ids(
+    session: Session, conn: Connection, tenant_id: int, result: ResponseCheck, now: datetime
+) -> bool:
     """Record the response and assertion ids under their unique key; False when one was seen before
     (on this replica or any other: the database's unique key decides, in one statement)."""
     expires = result.expires_at or (now + REQUEST_TTL)
     ids = list(dict.fromkeys([f"r:{result.response_id}"] + [f"a:{a}" for a in result.assertion_ids]))
+    dialect = conn.dialect.name
+    if dialect in ("sqlite", "postgresql") and len(ids) <= 8:
+        # One statement for every id; rows returned = rows inserted (psycopg reports no rowcount for it).
+        params: dict[str, Any] = {}
+        for i, mid in enumerate(ids):
+            params.update({f"t{i}": tenant_id, f"m{i}": mid[:300], f"x{i}": expires})
+        return len(conn.execute(_seen_insert(dialect, len(ids)), params).all()) == len(ids)
     rows = [{"tenant_id": tenant_id, "message_id": mid[:300], "expires_at": expires} for mid in ids]
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        # One statement; rows returned = rows inserted (psycopg reports no rowcount for it).
-        inserted = 0
-        for row in rows:
-            inserted += len(session.connection().execute(_seen_insert(dialect), row).all())
-        return inserted == len(rows)
-    try:  # other databases: a savepoint around a plain insert
+    try:  # other databases (or a response with many assertions): a savepoint around a plain insert
         with session.begin_nested():
             session.connection().execute(insert(_SEEN_T), rows)
     except IntegrityError:
@@ -147,19 +153,18 @@ def _remember_ids(session: Session, tenant_id: int, result: ResponseCheck, now: 
     return True
 
 
-
-def _request_row(session: Session, request_id: str) -> RequestRow | None:
-    row = session.connection().execute(_REQUEST_SQL, {"request_id": request_id[:100]}).first()
+def _request_row(conn: Connection, request_id: str) -> RequestRow | None:
+    row = conn.execute(_REQUEST_SQL, {"request_id": request_id[:100]}).first()
     return RequestRow(*row) if row is not None else None
 
 
 
-def _acs_target(session: Session, slug: str) -> AcsTarget | None:
+def _acs_target(conn: Connection, slug: str) -> AcsTarget | None:
     """The tenant and the version of its configuration in one light query (the configuration itself is
     loaded only when the cached settings are stale, or for a test's bookkeeping)."""
     if not SLUG_RE.match(slug or ""):
         return None
-    row = session.connection().execute(_ACS_TARGET_SQL, {"slug": slug}).first()
+    row = conn.execute(_ACS_TARGET_SQL, {"slug": slug}).first()
     if row is None:
         return None
     return AcsTarget(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]))
@@ -223,7 +228,8 @@ def consume_response(
         message = getattr(exc, "message", str(exc))
         return refused(getattr(exc, "code", None) or "malformed", f"The SAML response was refused: {message}",
                         getattr(exc, "fix", None) or "Sign in again.", status=400)
-    tenant = _acs_target(session, tenant_slug)
+    conn = session.connection()  # once: each session.connection() call costs more than a cached statement
+    tenant = _acs_target(conn, tenant_slug)
     if tenant is None:
         return refused("unknown_tenant", "Unknown tenant.", "Check the ACS URL configured at the IdP.", status=404)
     if tenant.status == TenantStatus.offboarded.value:
@@ -241,7 +247,7 @@ def consume_response(
     irt = response_in_response_to(root)
     request: RequestRow | None = None
     if irt:
-        request = _request_row(session, irt)
+        request = _request_row(conn, irt)
         if request is None:
             return refused("unknown_request", "This response answers a sign-in request CRM Bridge did not send.",
                             "Start the sign-in again from CRM Bridge.")
@@ -283,13 +289,14 @@ def consume_response(
             trace=is_test,
             parsed=(raw, root),
         )
+    conn = session.connection()  # decrypting commits the transaction first (core.vault's use): take it anew
     if request is not None:
         # Consume the request whatever the verdict: one answer per request, on every replica.
-        consumed = rowcount(session.connection().execute(_CONSUME_SQL, {"pk": request.id, "consumed_at": now}))
+        consumed = rowcount(conn.execute(_CONSUME_SQL, {"pk": request.id, "consumed_at": now}))
         if consumed != 1:
             return refused("request_used", "This sign-in request was already answered.", "Start the sign-in again.",
                             purpose=purpose)
-    if result.ok and not _remember_ids(session, tenant.tenant_id, result, now):
+    if result.ok and not _remember_ids(session, conn, tenant.tenant_id, result, now):
         result.ok = False
         result.add("Not a replay", False, "this response (or its assertion) was already used")
         result.fail("replay", "This SAML response was already used (replay refused).", "Sign in again.")
