@@ -32,11 +32,11 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, cast
 
-from sqlalchemy import bindparam, func, insert, update
-from sqlalchemy import select as sa_select
+from sqlalchemy import func, insert
 from sqlmodel import Session, col, select
 
 from core.clock import utcnow
+from core.db import DriverStatements
 from core.errors import InvalidInput
 from core.settings import get_settings
 from core.tenants.access import Principal
@@ -226,17 +226,12 @@ def record_event(
     return ev
 
 
-_EVENT_T = AuditEvent.__table__  # type: ignore[attr-defined]
-_HEAD_T = AuditHead.__table__  # type: ignore[attr-defined]
-_LEAN_HEAD = sa_select(_HEAD_T.c.seq, _HEAD_T.c.last_hmac, _HEAD_T.c.mac).where(
-    _HEAD_T.c.chain == bindparam("chain"))
-_LEAN_HEAD_PG = _LEAN_HEAD.with_for_update()
-# Built once with bound parameters: building a statement with .values(...) cost more than running it.
-_LEAN_INSERT = insert(_EVENT_T).values({c: bindparam(f"p_{c}") for c in (
-    "chain", "seq", "occurred_at", "tenant_id", "actor", "actor_role", "action", "target", "details", "via",
-    "prev_hmac", "hmac")})
-_LEAN_ADVANCE = update(_HEAD_T).where(_HEAD_T.c.chain == bindparam("p_chain")).values(
-    seq=bindparam("p_seq"), last_hmac=bindparam("p_last_hmac"), mac=bindparam("p_mac"))
+_LEAN_HEAD_SQL = "SELECT seq, last_hmac, mac FROM audit_head WHERE chain = ?"
+_LEAN_INSERT_SQL = (
+    "INSERT INTO audit_event (chain, seq, occurred_at, tenant_id, actor, actor_role, action, target, details, via,"
+    " prev_hmac, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_LEAN_ADVANCE_SQL = "UPDATE audit_head SET seq = ?, last_hmac = ?, mac = ? WHERE chain = ?"
 
 
 def record_event_lean(
@@ -249,15 +244,17 @@ def record_event_lean(
     details: dict[str, Any] | None = None,
     via: str | None = None,
     at: datetime,
+    driver: DriverStatements | None = None,
 ) -> None:
-    """``record_event`` in three prebuilt Core statements on the session's connection (head locked, row
-    inserted, head advanced with its MAC), with no ORM object: the same row, HMAC and head MAC, for hot
-    paths (the ACS's sign-in). A chain without a head yet goes through ``record_event`` (it joins the
-    global seal). Use it only in a transaction that has not loaded this chain's head through the ORM
-    (the ORM copy would be stale)."""
+    """``record_event`` in three hand-written statements on the session's DB-API connection, in its
+    transaction (head locked, row inserted, head advanced with its MAC), with no ORM object: the same row,
+    HMAC and head MAC, for hot paths (the ACS's sign-in; SQLAlchemy's own work per statement cost more
+    than the statement). A chain without a head yet goes through ``record_event`` (it joins the global
+    seal). Use it only in a transaction that has not loaded this chain's head through the ORM (the ORM
+    copy would be stale)."""
     chain = chain_name(tenant_id)
-    conn = session.connection()
-    head = conn.execute(_LEAN_HEAD_PG if conn.dialect.name == "postgresql" else _LEAN_HEAD, {"chain": chain}).first()
+    db = driver or DriverStatements(session.connection())
+    head = db.execute(_LEAN_HEAD_SQL + (" FOR UPDATE" if db.pg else ""), (chain,)).fetchone()
     if head is None:
         record_event(session, principal=principal, action=action, tenant_id=tenant_id, target=target,
                      details=details, via=via, at=at)
@@ -267,13 +264,12 @@ def record_event_lean(
         actor=(principal.email if isinstance(principal, Principal) else str(principal))[:254],
         actor_role=principal.role if isinstance(principal, Principal) else "app_user", action=action,
         target=target[:300], details=json.dumps(details or {}, sort_keys=True, default=str), via=via,
-        prev_hmac=head[1],
     )
-    ev.hmac = compute_hmac(cast(AuditEvent, ev), head[1], audit_key())
-    conn.execute(_LEAN_INSERT, {f"p_{c}": v for c, v in vars(ev).items()})
-    conn.execute(_LEAN_ADVANCE, {"p_chain": chain, "p_seq": ev.seq, "p_last_hmac": ev.hmac,
-                                 "p_mac": head_mac(head_key(), chain, ev.seq, ev.hmac) if head[2] is not None
-                                 else None})
+    mac = compute_hmac(cast(AuditEvent, ev), head[1], audit_key())
+    db.execute(_LEAN_INSERT_SQL, (chain, ev.seq, db.time(at), tenant_id, ev.actor, ev.actor_role, action, ev.target,
+                                  ev.details, via, head[1], mac))
+    db.execute(_LEAN_ADVANCE_SQL, (ev.seq, mac, head_mac(head_key(), chain, ev.seq, mac) if head[2] is not None
+                                   else None, chain))
 
 
 @dataclass(frozen=True)
