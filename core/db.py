@@ -198,7 +198,8 @@ class DriverStatements:
     the transaction: it commits or rolls back everything, these statements included."""
 
     def __init__(self, conn: Any) -> None:
-        self.pg = conn.dialect.name == "postgresql"
+        self.dialect = conn.dialect.name
+        self.pg = self.dialect == "postgresql"
         self.cursor = conn.connection.driver_connection.cursor()
 
     def execute(self, sql: str, params: tuple[Any, ...]) -> Any:

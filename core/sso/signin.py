@@ -13,13 +13,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from core.clock import aware
+from core.db import DriverStatements
 from core.errors import NotFound
 from core.ratelimit import NoiseAggregator
 from core.settings import get_settings
@@ -37,7 +38,6 @@ from core.sso.common import (
     get_config,
     now_or,
     refused,
-    rowcount,
     safe_relay_state,
     tenant_by_slug,
 )
@@ -96,11 +96,6 @@ _REQUEST_SQL = sa_select(
     _REQUEST_T.c.id, _REQUEST_T.c.tenant_id, _REQUEST_T.c.purpose, _REQUEST_T.c.relay_state,
     _REQUEST_T.c.started_by, _REQUEST_T.c.used_at, _REQUEST_T.c.expires_at,
 ).where(_REQUEST_T.c.request_id == bindparam("request_id"))
-_CONSUME_SQL = (
-    update(_REQUEST_T)
-    .where(_REQUEST_T.c.id == bindparam("pk"), _REQUEST_T.c.used_at.is_(None))
-    .values(used_at=bindparam("consumed_at"))
-)
 _ACCOUNT_SQL = sa_select(
     col(ConsoleAccount.id), col(ConsoleAccount.role), col(ConsoleAccount.email), col(ConsoleAccount.tenant_id),
 ).where(
@@ -109,38 +104,25 @@ _ACCOUNT_SQL = sa_select(
     col(ConsoleAccount.tenant_id) == bindparam("tenant_id"),
     col(ConsoleAccount.disabled).is_(False),
 )
-_SEEN_INSERT: dict[str, Any] = {}
-
-
-def _seen_insert(dialect: str) -> Any:
-    """INSERT … ON CONFLICT DO NOTHING RETURNING id, for the dialect (built once). One statement per id:
-    a multi-row VALUES with RETURNING measured slower here (SQLAlchemy re-derives its cache key)."""
-    stmt = _SEEN_INSERT.get(dialect)
-    if stmt is None:
-        if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
-        stmt = _SEEN_INSERT[dialect] = (
-            dialect_insert(_SEEN_T).on_conflict_do_nothing(index_elements=["tenant_id", "message_id"])
-            .returning(_SEEN_T.c.id)
-        )
-    return stmt
+# The ACS's writes as hand-written SQL on the session's DB-API connection (core.db.DriverStatements): the
+# statement is cheaper than SQLAlchemy's work around it. SQLite (3.35+) and PostgreSQL both take these.
+_SEEN_SQL = ("INSERT INTO sso_seen_response (tenant_id, message_id, expires_at) VALUES (?, ?, ?)"
+             " ON CONFLICT (tenant_id, message_id) DO NOTHING RETURNING id")
+_CONSUME_SQL = "UPDATE sso_request SET used_at = ? WHERE id = ? AND used_at IS NULL"
 
 
 def _remember_ids(
-    session: Session, conn: Connection, tenant_id: int, result: ResponseCheck, now: datetime
+    session: Session, db: DriverStatements, tenant_id: int, result: ResponseCheck, now: datetime
 ) -> bool:
     """Record the response and assertion ids under their unique key; False when one was seen before
     (on this replica or any other: the database's unique key decides)."""
     expires = result.expires_at or (now + REQUEST_TTL)
     ids = list(dict.fromkeys([f"r:{result.response_id}"] + [f"a:{a}" for a in result.assertion_ids]))
-    rows = [{"tenant_id": tenant_id, "message_id": mid[:300], "expires_at": expires} for mid in ids]
-    dialect = conn.dialect.name
-    if dialect in ("sqlite", "postgresql"):
+    if db.dialect in ("sqlite", "postgresql"):
         # Rows returned = rows inserted (psycopg reports no rowcount for it).
-        stmt = _seen_insert(dialect)
-        return sum(len(conn.execute(stmt, row).all()) for row in rows) == len(rows)
+        at = db.time(expires)
+        return sum(len(db.execute(_SEEN_SQL, (tenant_id, mid[:300], at)).fetchall()) for mid in ids) == len(ids)
+    rows = [{"tenant_id": tenant_id, "message_id": mid[:300], "expires_at": expires} for mid in ids]
     try:  # other databases: a savepoint around a plain insert
         with session.begin_nested():
             session.connection().execute(insert(_SEEN_T), rows)
@@ -285,14 +267,15 @@ def consume_response(
             trace=is_test,
             parsed=(raw, root),
         )
-    conn = session.connection()  # decrypting commits the transaction first (core.vault's use): take it anew
+    # Decrypting commits the transaction first (core.vault's use): take its connection anew.
+    db = DriverStatements(session.connection())
     if request is not None:
         # Consume the request whatever the verdict: one answer per request, on every replica.
-        consumed = rowcount(conn.execute(_CONSUME_SQL, {"pk": request.id, "consumed_at": now}))
+        consumed = db.execute(_CONSUME_SQL, (db.time(now), request.id)).rowcount
         if consumed != 1:
             return refused("request_used", "This sign-in request was already answered.", "Start the sign-in again.",
                             purpose=purpose)
-    if result.ok and not _remember_ids(session, conn, tenant.tenant_id, result, now):
+    if result.ok and not _remember_ids(session, db, tenant.tenant_id, result, now):
         result.ok = False
         result.add("Not a replay", False, "this response (or its assertion) was already used")
         result.fail("replay", "This SAML response was already used (replay refused).", "Sign in again.")
