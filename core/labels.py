@@ -39,8 +39,6 @@ ONBOARDING_STEPS = {
 
 STEP_STATUSES = {"done": "Done", "deferred": "Deferred", "pending": "To do"}
 
-PROVIDERS = {"salesforce": "Salesforce", "dynamics-365": "Dynamics 365", "dynamics": "Dynamics 365",
-             "hubspot": "HubSpot"}
 
 ACCOUNT_STATUSES = {"active": "Active", "paused": "Paused", "disabled": "Disabled", "invited": "Invited"}
 
@@ -79,7 +77,20 @@ def step_status(value: object) -> str:
 
 
 def provider(value: object) -> str:
-    return label(PROVIDERS, value)
+    """A CRM's name as its catalog entry gives it ("dynamics-365" → "Microsoft Dynamics 365 Sales")."""
+    from core.providers.catalog import get_catalog
+
+    entry = get_catalog().providers.get(str(value)) if value is not None else None
+    return entry.name if entry is not None else label({}, value)
+
+
+def edition(provider_slug: object, value: object) -> str:
+    """An edition's name from the catalog ("sales-enterprise" → "Dynamics 365 Sales Enterprise")."""
+    from core.providers.catalog import get_catalog
+
+    entry = get_catalog().providers.get(str(provider_slug)) if provider_slug is not None else None
+    ed = entry.editions.get(str(value)) if entry is not None and value is not None else None
+    return ed.name if ed is not None else label({}, value)
 
 
 # A source is cited by its vendor document's title and public URL, never by a path on our machines
