@@ -4,13 +4,13 @@ from sqlmodel import SQLModel
 
 import core.accounts.models
 import core.alerts.models
+import core.onboarding
 import core.posture.models
 import core.providers.models
 import core.scheduler.models
 import core.sso.models
 import core.sync.models
 import core.tenants.models
-import core.tenants.onboarding
 import core.vault.models  # noqa: F401
 
 metadata = SQLModel.metadata

@@ -6,9 +6,9 @@ from __future__ import annotations
 import streamlit as st
 
 from core import labels
+from core import onboarding as ob
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.tenants import onboarding as ob
 from core.tenants.models import CredentialMode
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants, set_credential_mode
 from core.vault.service import destroy_for_mode_change

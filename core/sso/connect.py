@@ -9,7 +9,6 @@ The link's address (a bearer token) never goes to the IdP and is stored sealed, 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from datetime import datetime, timedelta
@@ -17,6 +16,7 @@ from urllib.parse import quote
 
 from sqlmodel import Session
 
+from core import keys
 from core.accounts.secrets import open_platform, seal_platform
 from core.errors import CredentialInvalid, InvalidInput, NotFound
 from core.settings import get_settings
@@ -104,8 +104,7 @@ def start_connect_login(
 
 
 def _pass_mac(tenant_id: int, email: str, expires: int) -> str:
-    msg = f"crmbridge/sso/connect-pass/v1|{tenant_id}|{email.strip().lower()}|{expires}".encode()
-    return hmac.new(get_settings().server_secret(), msg, hashlib.sha256).hexdigest()
+    return keys.mac(keys.SSO_CONNECT_PASS, f"{tenant_id}|{email.strip().lower()}|{expires}".encode()).hex()
 
 
 def connect_pass(tenant_id: int, email: str, now: datetime | None = None) -> str:
