@@ -1,9 +1,10 @@
 """The tenant's SP keys: the key pairs CRM Bridge signs AuthnRequests and its SP metadata with and that
 IdPs encrypt assertions to. Private keys live in the vault; the rows hold the public certificate.
 
-Key generation is an explicit step, ``ensure_sp_keys``: the SSO page and the onboarding wizard call it
-when a tenant admin sets SSO up, a test login calls it before it starts; the certificate watch rolls
-the keys of tenants that have them. Importing IdP metadata generates nothing.
+Key generation is an explicit step, ``ensure_sp_keys``: the SSO page calls it after an import and from
+its Generate SP keys button (the onboarding wizard's SSO step points there), a test login and the demo
+call it before they need keys; the certificate watch rolls the keys of tenants that have them.
+Importing IdP metadata and the public SP metadata GET generate nothing.
 """
 
 from __future__ import annotations
