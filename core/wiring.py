@@ -71,7 +71,7 @@ def _complete_link_oauth(done):  # type: ignore[no-untyped-def]
 
 
 def _sso_gate(req):  # type: ignore[no-untyped-def]
-    from core.sso.service import CONNECT_PASS_COOKIE, connect_gate_target, connect_pass_ok
+    from core.sso.connect import CONNECT_PASS_COOKIE, connect_gate_target, connect_pass_ok
 
     if connect_pass_ok(req.request.cookies.get(CONNECT_PASS_COOKIE), tenant_id=req.tenant_id,
                        email=req.app_user_email):

@@ -4,7 +4,7 @@ seeds sealed, connect links and OAuth states signed before the change still veri
 
 The vectors below were produced by the code before core.keys existed (HMAC/HKDF written out in
 core/tenants/audit.py, core/vault/connect.py, core/providers/routes.py, core/accounts/secrets.py,
-core/web.py and core/sso/service.py), with the server secret bytes 01..20."""
+core/web.py and core/sso/service.py, now core/sso/connect.py), with the server secret bytes 01..20."""
 
 from __future__ import annotations
 
@@ -91,7 +91,6 @@ def test_each_purpose_has_its_own_key() -> None:
 # line each: OAUTH_STATE and SSO_CONNECT_PASS are defined and pinned above).
 PENDING = {
     "core/providers/routes.py": "conn17",
-    "core/sso/service.py": "sso17",
 }
 
 

@@ -13,9 +13,9 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from core import wiring
+from core.sso.connect import CONNECT_PASS_COOKIE
 from core.sso.models import SsoConfig, SsoRequest
 from core.sso.routes import routes as sso_routes
-from core.sso.service import CONNECT_PASS_COOKIE
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent
 from core.vault import connect
