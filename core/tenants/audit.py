@@ -321,7 +321,7 @@ def record_events(session: Session, events: Sequence[NewEvent], *, key: bytes | 
             rows.append(row)
         advance_head(session, head, seq, prev, key=hkey)
     session.flush()  # the heads' UPDATEs (and any row the caller added before)
-    session.connection().execute(insert(_EVENT_T), rows)
+    session.connection().execute(insert(AuditEvent.__table__), rows)  # type: ignore[attr-defined]
     return len(rows)
 
 
