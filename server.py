@@ -23,8 +23,8 @@ HERE = Path(__file__).resolve().parent
 # Each package that serves HTTP exposes `routes` in its routes module.
 ROUTE_MODULES = (
     "core.tenants.routes",
-    "core.vault.routes",
-    "core.providers.routes",
+    "core.connections.link_routes",
+    "core.connections.routes",
     "core.sso.routes",
     "core.accounts.routes",
     "core.alerts.routes",

@@ -26,8 +26,8 @@ _wired = False
 
 
 def _test_link_credential(check):  # type: ignore[no-untyped-def]
-    from core.providers.service import check_credential
-    from core.vault.connect import parse_login_secret
+    from core.connections.links import parse_login_secret
+    from core.connections.service import check_credential
 
     login = parse_login_secret(check.secret)
     fields = {"username": login.username, "password": login.password.get_secret_value()}
@@ -46,7 +46,7 @@ def _test_link_credential(check):  # type: ignore[no-untyped-def]
 
 
 def _start_link_oauth(start):  # type: ignore[no-untyped-def]
-    from core.providers.routes import begin_authorization
+    from core.connections.routes import begin_authorization
 
     if start.session is not None:  # inside the link's transaction (a second one would wait on SQLite's lock)
         account = start.session.get(CrmAccount, start.crm_account_id)
@@ -59,7 +59,7 @@ def _start_link_oauth(start):  # type: ignore[no-untyped-def]
 
 
 def _complete_link_oauth(done):  # type: ignore[no-untyped-def]
-    from core.vault.connect import complete_oauth
+    from core.connections.links import complete_oauth
 
     state = done.binding.split(":", 1)[1]
     if not done.grant.refresh_token:
@@ -86,10 +86,10 @@ def wire() -> None:
     global _wired
     if _wired:
         return
+    from core.connections import links as connect
+    from core.connections.routes import register_completion_handler
     from core.providers.base import AuthorizationCodeSupport
     from core.providers.registry import available_providers, get_provider_class
-    from core.providers.routes import register_completion_handler
-    from core.vault import connect
 
     connect.set_credential_tester(_test_link_credential)
     connect.set_sso_gate(_sso_gate)

@@ -17,10 +17,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.clock import utcnow
+from core.connections import service
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.labels import humanize
-from core.providers import service
 from core.providers.catalog import FieldSpec, get_catalog
 from pages._common import ago, md, principal, show_error
 

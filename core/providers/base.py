@@ -221,7 +221,7 @@ class TokenGrant:
 
 @runtime_checkable
 class AuthorizationCodeSupport(Protocol):
-    """Per-user OAuth (web-server flow + PKCE) for a provider class; used by core.providers.routes."""
+    """Per-user OAuth (web-server flow + PKCE) for a provider class; used by core.connections.routes."""
 
     @classmethod
     def authorization_url(

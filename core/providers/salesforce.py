@@ -7,7 +7,7 @@ Authentication (``account.auth_mode``, or inferred from the credential mode):
   credential ``{client_id, client_secret}``.
 - ``jwt_bearer`` — API user: ``{client_id, username, private_key}`` (RS256 assertion, 3-minute expiry).
 - ``oauth_authorization_code`` — each user's own OAuth grant (web-server flow + PKCE, see
-  ``authorization_url``/``exchange_code`` and core.providers.routes): ``{client_id, client_secret?,
+  ``authorization_url``/``exchange_code`` and core.connections.routes): ``{client_id, client_secret?,
   refresh_token, access_token?}``; the access token is the SOAP session id; a rotated refresh token
   is handed to ``on_credential_update``.
 - ``password`` — legacy per-user SOAP ``login()`` with ``{username, password, security_token}``;

@@ -274,8 +274,8 @@ def default_provider_factory(ctx: JobContext, credential: Credential) -> Provide
     CRM session across runs (Salesforce's ``SessionCache``) share one per worker process, in memory."""
     import inspect
 
+    from core.connections.service import default_transport
     from core.providers.registry import get_provider_class
-    from core.providers.service import default_transport
 
     global _session_cache
     cls = get_provider_class(ctx.account.provider)

@@ -16,8 +16,8 @@ from sqlmodel import Session
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from core.providers import routes as provider_routes
-from core.providers import service
+from core.connections import routes as provider_routes
+from core.connections import service
 from core.tenants.access import Principal
 from core.web import SESSION_COOKIE
 from tests.conftest import make_tenant

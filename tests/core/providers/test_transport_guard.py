@@ -20,8 +20,8 @@ from typing import Any
 import httpcore
 import pytest
 
+from core.connections import service
 from core.errors import ConfigurationError, InvalidInput, MalformedResponse, ProviderError
-from core.providers import service
 from core.providers.config import AccountConfig, HttpTransport
 from core.providers.salesforce import SalesforceProvider
 from core.providers.transport import (
@@ -443,9 +443,9 @@ def test_a_connect_link_shows_the_crm_host_and_never_sends_a_password_to_a_plant
     from starlette.testclient import TestClient
 
     from core import wiring
+    from core.connections import links as connect
+    from core.connections.link_routes import routes
     from core.tenants.access import Principal
-    from core.vault import connect
-    from core.vault.routes import routes
     from tests.conftest import make_tenant
     from tests.fixtures.vault import make_vault_world
 
@@ -480,9 +480,9 @@ def test_a_connect_link_never_sends_the_user_to_sign_in_at_a_planted_host(app_db
     from starlette.testclient import TestClient
 
     from core import wiring
+    from core.connections import links as connect
+    from core.connections.link_routes import routes
     from core.tenants.access import Principal
-    from core.vault import connect
-    from core.vault.routes import routes
     from tests.conftest import make_tenant
     from tests.fixtures.vault import make_vault_world
 

@@ -13,14 +13,14 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from core import wiring
+from core.connections import links as connect
+from core.connections.link_routes import routes as vault_routes
 from core.sso.models import SsoConfig, SsoRequest
 from core.sso.routes import routes as sso_routes
 from core.sso.service import CONNECT_PASS_COOKIE
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent
-from core.vault import connect
 from core.vault.models import VaultCredential
-from core.vault.routes import routes as vault_routes
 from tests.core.sso.conftest import CONSOLE, SANDBOX, SsoWorld
 from tests.core.vault.test_connect import GOOD_PASSWORD, FakeCrm
 from tests.fixtures.vault import VaultWorld, make_vault_world

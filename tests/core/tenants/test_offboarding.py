@@ -8,13 +8,14 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import Session, select
 
+from core.connections import links as connect
+from core.connections.links import CredentialCheck
 from core.errors import AccessDenied, LinkInvalid, SessionInvalid, SignInFailed
 from core.tenants import auth
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent, ConsoleSession, Tenant
 from core.tenants.service import set_tenant_status
-from core.vault import connect, service
-from core.vault.connect import CredentialCheck
+from core.vault import service
 from core.vault.models import VaultCredential
 from tests.conftest import admin_of, make_tenant
 from tests.fixtures.vault import make_vault_world

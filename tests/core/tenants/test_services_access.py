@@ -86,7 +86,7 @@ def test_crm_account_services_per_role(session, staff, leadership, tenant, other
     p: Principal = {"staff": staff, "own_admin": admin_of(tenant), "other_admin": admin_of(other_tenant),
                     "leadership": leadership}[role]
     # CRM accounts are created from the catalog (core.providers); the tenants domain lists and re-modes them
-    from core.providers.service import add_crm_account_settings
+    from core.connections.service import add_crm_account_settings
 
     def add() -> object:
         return add_crm_account_settings(session=session, principal=p, tenant_id=tenant.id, provider="salesforce",

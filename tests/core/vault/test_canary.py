@@ -20,14 +20,15 @@ from starlette.testclient import TestClient
 from streamlit.testing.v1 import AppTest
 
 from core.clock import utcnow
+from core.connections import links as connect
+from core.connections.link_routes import routes
+from core.connections.links import CredentialCheck, parse_login_secret
 from core.errors import AuthenticationFailed, CrmBridgeError, SessionExpired
 from core.tenants.access import Principal
 from core.tenants.audit import verify_chain
 from core.tenants.models import AuditEvent
-from core.vault import cli, connect, service
-from core.vault.connect import CredentialCheck, parse_login_secret
+from core.vault import cli, service
 from core.vault.models import VaultCredential
-from core.vault.routes import routes
 from tests.conftest import admin_of, make_tenant, page_text, run_page
 from tests.fixtures.vault import make_vault_world
 

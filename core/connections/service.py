@@ -21,11 +21,11 @@ from pydantic import SecretStr
 from sqlmodel import Session, col, select
 
 from core.clock import aware, utcnow
+from core.connections.models import ApiUsageSample
 from core.errors import ConfigurationError, Conflict, CrmBridgeError, InvalidInput, NotFound
 from core.providers.base import ApiUsage, ConnectionReport, LicenseSnapshot, Provider, StepResult
 from core.providers.catalog import FieldSpec, get_catalog
 from core.providers.config import AccountConfig, Credential, HttpTransport
-from core.providers.models import ApiUsageSample
 from core.providers.transport import CrmUrlPolicy, check_account_urls
 from core.settings import get_settings
 from core.tenants.access import Principal, require_tenant

@@ -12,10 +12,10 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import Session, select
 
+from core.connections import links as connect
+from core.connections.links import CredentialCheck, SubmitResult
 from core.errors import AuthenticationFailed, LinkInvalid
 from core.tenants.access import Principal
-from core.vault import connect
-from core.vault.connect import CredentialCheck, SubmitResult
 from core.vault.models import VaultConnectLink, VaultCredential
 from tests.conftest import make_tenant
 from tests.fixtures.vault import make_vault_world

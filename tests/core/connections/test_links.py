@@ -13,13 +13,14 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from core.clock import utcnow
+from core.connections import links as connect
+from core.connections.link_routes import routes
+from core.connections.links import CredentialCheck, parse_login_secret, same_crm_user
 from core.errors import AccessDenied, AuthenticationFailed, InvalidInput, LinkInvalid
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent
-from core.vault import connect, service
-from core.vault.connect import CredentialCheck, parse_login_secret, same_crm_user
+from core.vault import service
 from core.vault.models import VaultConnectLink, VaultCredential
-from core.vault.routes import routes
 from core.web import csrf_token_for
 from tests.conftest import admin_of, make_tenant
 from tests.fixtures.vault import make_vault_world

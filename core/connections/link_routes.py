@@ -21,14 +21,14 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from core.clock import utcnow
+from core.connections import links as connect
+from core.connections.links import LinkView, SsoGateRequest, SubmitResult
 from core.db import session_scope
 from core.errors import ConfigurationError, CrmBridgeError, InvalidInput, LinkInvalid
 from core.settings import get_settings
-from core.vault import connect
-from core.vault.connect import LinkView, SsoGateRequest, SubmitResult
 from core.web import csrf_ok, csrf_token_for, esc, html_page
 
-log = logging.getLogger("crmbridge.vault.routes")
+log = logging.getLogger("crmbridge.connections.link_routes")
 
 CSRF_COOKIE = "crmbridge_connect_csrf"
 MAX_BODY = 16 * 1024

@@ -52,7 +52,7 @@ from core.vault import service
 from core.vault.models import CredentialKind, CredentialRef, VaultConnectLink
 from core.vault.policy import Policy, get_policy
 
-log = logging.getLogger("crmbridge.vault.connect")
+log = logging.getLogger("crmbridge.connections.links")
 
 LINK_TTL = timedelta(hours=24)
 MIN_TTL = timedelta(minutes=10)
@@ -197,7 +197,7 @@ def same_crm_user(expected: str, actual: str | None) -> bool:
 
 
 def _key() -> bytes:
-    return hmac.new(get_settings().server_secret(), b"crmbridge/vault/connect-link/v1", hashlib.sha256).digest()
+    return hmac.new(get_settings().server_secret(), b"crmbridge.connections.links-link/v1", hashlib.sha256).digest()
 
 
 def _b64(raw: bytes) -> str:

@@ -12,11 +12,11 @@ from sqlmodel import select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from core.connections import routes as oauth
+from core.connections import service
+from core.connections.models import ApiUsageSample
 from core.errors import AccessDenied, Conflict, InvalidInput, LinkInvalid
-from core.providers import routes as oauth
-from core.providers import service
 from core.providers.base import ApiUsage
-from core.providers.models import ApiUsageSample
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent, CrmAccount
 from core.vault import service as vault

@@ -56,13 +56,13 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from core.clock import utcnow
+from core.connections import service
+from core.connections.models import OAuthStateUse
 from core.db import session_scope
 from core.errors import AccessDenied, ConfigurationError, CrmBridgeError, InvalidInput, LinkInvalid, NotFound
-from core.providers import service
 from core.providers.base import AuthorizationCodeSupport, ConnectionReport, TokenGrant
 from core.providers.catalog import FieldSpec
 from core.providers.config import AccountConfig
-from core.providers.models import OAuthStateUse
 from core.providers.transport import CrmUrlPolicy, check_account_urls
 from core.settings import get_settings
 from core.tenants.access import Principal
@@ -201,7 +201,7 @@ def _redeem(session: Session, state: str, payload: dict[str, Any], now: datetime
 
 
 def _account_secret(session: Session, account: CrmAccount, principal: Principal) -> dict[str, Any]:
-    from core.providers.service import CREDENTIAL_PURPOSE, credential_fields
+    from core.connections.service import CREDENTIAL_PURPOSE, credential_fields
     from core.vault import service as vault
 
     ref = vault.find_credential(session, tenant_id=account.tenant_id, crm_account_id=account.id,
@@ -217,8 +217,8 @@ def complete_authorization(
     transport: Any = None,
 ) -> Response | str:
     """Verify ``state``, exchange ``code`` with the derived verifier, test the token, hand it over."""
+    from core.connections.service import default_transport
     from core.providers.registry import create_provider
-    from core.providers.service import default_transport
 
     now = now or utcnow()
     payload = read_state(state, now=now)
@@ -256,7 +256,7 @@ def complete_authorization(
 
 def _store_for_app_user(done: OAuthCompletion) -> str:
     """Built-in handler for ``app_user:<id>``: the refresh token goes to the vault for that user."""
-    from core.providers.service import CREDENTIAL_PURPOSE
+    from core.connections.service import CREDENTIAL_PURPOSE
     from core.vault import service as vault
 
     try:
