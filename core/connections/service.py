@@ -683,8 +683,7 @@ def test_crm_account(
             if provider is not None:
                 try:
                     report = provider.test_connection()
-                    usage = getattr(provider, "last_api_usage", None)
-                    licenses = getattr(provider, "last_license_snapshot", None)
+                    usage, licenses = report.api_usage, report.licenses
                 finally:
                     provider.close()
         if failures and user_id is not None:

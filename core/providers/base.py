@@ -56,6 +56,10 @@ class ConnectionReport:
     org_id: str | None = None
     detected_edition: str | None = None
     latency_ms: float | None = None
+    # what the licenses and quota steps read, as typed data (posture and the quota gauge use these,
+    # never the steps' English text)
+    licenses: LicenseSnapshot | None = None
+    api_usage: ApiUsage | None = None
 
     @property
     def failed_step(self) -> StepResult | None:

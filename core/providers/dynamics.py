@@ -588,6 +588,7 @@ class Dynamics365Provider(ProviderBase):
 
         def licenses() -> str:
             snap = self.license_snapshot()
+            report.licenses = snap
             report.detected_edition = next(
                 (d.get("edition") for d in snap.detail if d.get("edition")), report.detected_edition
             )
@@ -598,6 +599,7 @@ class Dynamics365Provider(ProviderBase):
 
         def quota() -> str:
             usage = self.api_usage()
+            report.api_usage = usage
             if usage is None:
                 return "no service-protection signal yet"
             return f"{usage.remaining} of {usage.limit} requests left in the 5-minute window"

@@ -643,10 +643,12 @@ class HubSpotProvider(ProviderBase):
 
         def licenses() -> str:
             snap = self.license_snapshot()
+            report.licenses = snap
             return f"{snap.used} users in the portal"
 
         def quota() -> str:
             usage = self.api_usage()
+            report.api_usage = usage
             if usage is None:
                 return "no rate-limit headers seen"
             if usage.window == "day":

@@ -772,6 +772,7 @@ class SalesforceProvider(ProviderBase):
 
         def licenses() -> str:
             snap = self.license_snapshot()
+            report.licenses = snap
             report.detected_edition = self.detect_edition()
             text = (f"{snap.used} of {snap.total} Salesforce licenses used; "
                     f"{snap.integration_used} of {snap.integration_total} Integration licenses used")
@@ -782,6 +783,7 @@ class SalesforceProvider(ProviderBase):
 
         def quota() -> str:
             usage = self.api_usage()
+            report.api_usage = usage
             if usage is None:
                 return "Salesforce reported no API usage"
             pct = usage.fraction * 100
