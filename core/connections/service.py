@@ -728,7 +728,7 @@ def check_credential(
     session: Session,
     principal: Principal,
     account_id: int,
-    fields: dict[str, str],
+    fields: Mapping[str, SecretStr],
     transport: HttpTransport | None = None,
     provider_factory: ProviderFactory | None = None,
 ) -> ConnectionReport:
@@ -747,7 +747,7 @@ def check_credential(
     if ref is not None and account.credential_mode != "api_user":
         with vault.use(session, ref, principal=principal, reason="check a user's new credential") as secret:
             credential.update(credential_fields(secret))
-    credential.update({k: SecretStr(v) for k, v in fields.items()})
+    credential.update(fields)  # typed SecretStr values, straight to the provider
     provider = (provider_factory or create_provider)(account=config, credential=credential,
                                                      transport=transport or default_transport())
     try:

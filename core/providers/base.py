@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from core.clock import Clock, utcnow
-from core.errors import AuthenticationFailed, RecordError
+from core.errors import AuthenticationFailed, ProviderError, RecordError
 
 if TYPE_CHECKING:
     from core.providers.config import (
@@ -45,6 +45,7 @@ class StepResult:
     fix: str | None = None
     latency_ms: float | None = None
     code: str | None = None  # the vendor's error code when the step failed (INVALID_LOGIN, 429, …)
+    error: type[ProviderError] | None = None  # the core.errors class the vendor's refusal mapped to
 
 
 @dataclass

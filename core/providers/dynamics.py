@@ -560,7 +560,8 @@ class Dynamics365Provider(ProviderBase):
             try:
                 detail = fn()
             except ProviderError as exc:
-                steps.append(StepResult(name, False, exc.message, fix=str(exc), latency_ms=_ms(t0)))
+                steps.append(StepResult(name, False, exc.message, fix=str(exc), latency_ms=_ms(t0),
+                                        code=exc.code, error=type(exc)))
                 return False
             steps.append(StepResult(name, True, detail, latency_ms=_ms(t0)))
             return True

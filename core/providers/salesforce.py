@@ -742,7 +742,7 @@ class SalesforceProvider(ProviderBase):
                 detail = fn()
             except ProviderError as exc:
                 steps.append(StepResult(name, False, exc.message, exc.fix,
-                                        (time.perf_counter() - t0) * 1000, code=exc.code))
+                                        (time.perf_counter() - t0) * 1000, code=exc.code, error=type(exc)))
                 return False
             steps.append(StepResult(name, True, detail, None, (time.perf_counter() - t0) * 1000))
             return True

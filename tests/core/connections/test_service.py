@@ -199,8 +199,8 @@ def test_callback_route_shows_the_crm_refusal(app_db):
 
 
 def test_the_demo_accounts_connect_to_the_sandbox(session, staff, vault_keys, sandbox, clock):
+    from core.connections import demo
     from core.demo import load_scenario, read_scenario
-    from core.providers import demo
 
     slugs = load_scenario(session, read_scenario(), sandbox_url=sandbox.base_url)
     demo.load_demo(session, scenario={}, principal=Principal.system("demo"), now=clock(), tenants=slugs)
