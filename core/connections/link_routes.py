@@ -157,11 +157,14 @@ _MAX_LENGTH = {"username": 254, "password": 1024}
 def _user_fields(view: LinkView) -> tuple[FieldSpec, ...]:
     """What a user enters for this account: its catalog auth mode's ``user_fields`` (no CRM named here)."""
     try:
+        entry = get_catalog().provider(view.provider)
         mode = str(json.loads(view.settings_json or "{}").get("auth_mode") or "")
-        fields = get_catalog().provider(view.provider).auth_mode(mode).user_fields
     except (ValueError, AttributeError, NotFound):
         return _FALLBACK_FIELDS
-    return tuple(fields) or _FALLBACK_FIELDS
+    # the account's auth mode; for an account that names none, the catalog's mode for its credential mode
+    spec = next((m for m in entry.auth_modes if m.mode == mode), None) or next(
+        (m for m in entry.auth_modes if m.credential_mode == view.mode), None)
+    return tuple(spec.user_fields) if spec is not None and spec.user_fields else _FALLBACK_FIELDS
 
 
 def _field_html(f: FieldSpec) -> str:
