@@ -247,17 +247,25 @@ def test_sso_gate_comes_first(app_db, world, client, crm):
     assert _post(client, token, username="tom", password=GOOD_PASSWORD).status_code == 200
 
 
-def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm, monkeypatch):
+@pytest.fixture
+def loopback_crm_allowed(monkeypatch):  # type: ignore[no-untyped-def]
+    """The account's loopback "CRM" origin passes the URL policy (as the sandbox's does)."""
+    from core.settings import get_settings
+
+    monkeypatch.setenv("CRMBRIDGE_SANDBOX_CA_FILE", __file__)
+    monkeypatch.setenv("CRMBRIDGE_SANDBOX_URL", "https://127.0.0.1:1")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm, loopback_crm_allowed):
     """"Sign in with Salesforce" goes straight to the provider's authorize URL (no starter hook), with a
     signed state whose binding is this link."""
     from urllib.parse import parse_qs, urlsplit
 
     from core.connections.routes import read_state
-    from core.settings import get_settings
 
-    monkeypatch.setenv("CRMBRIDGE_SANDBOX_CA_FILE", __file__)  # lets the account's loopback "CRM" origin through
-    monkeypatch.setenv("CRMBRIDGE_SANDBOX_URL", "https://127.0.0.1:1")
-    get_settings.cache_clear()
     password_link = _link(app_db, world, user=1)
     page = client.get(f"/connect/{password_link}").text
     assert "Sign in with Salesforce" not in page and "name=password" in page  # no OAuth app on this account
@@ -279,7 +287,6 @@ def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm, monkeypatc
     binding = read_state(signed, now=utcnow())["b"]
     assert binding.startswith("link:")
     state = binding.split(":", 1)[1]
-    get_settings.cache_clear()
     with Session(app_db) as s:
         with pytest.raises(LinkInvalid):
             connect.complete_oauth(s, state=state[:-2] + "xx", secret="refresh-token", crm_user_id="005TINY00000001")
