@@ -1,4 +1,5 @@
-"""One mapping from stored values (enum values, step keys, roles, providers) to the words a user reads.
+"""One mapping from stored values (enum values, step keys, roles; CRM names come
+from the provider catalog) to the words a user reads.
 
 Every page shows these labels, never the raw value: ``label(CREDENTIAL_MODES, "api_user")`` →
 "API user". An unknown value falls back to a readable form of itself (underscores become spaces), so a
@@ -39,9 +40,6 @@ ONBOARDING_STEPS = {
 
 STEP_STATUSES = {"done": "Done", "deferred": "Deferred", "pending": "To do"}
 
-PROVIDERS = {"salesforce": "Salesforce", "dynamics-365": "Dynamics 365", "dynamics": "Dynamics 365",
-             "hubspot": "HubSpot"}
-
 ACCOUNT_STATUSES = {"active": "Active", "paused": "Paused", "disabled": "Disabled", "invited": "Invited"}
 
 
@@ -76,10 +74,6 @@ def step(value: object) -> str:
 
 def step_status(value: object) -> str:
     return label(STEP_STATUSES, value)
-
-
-def provider(value: object) -> str:
-    return label(PROVIDERS, value)
 
 
 # A source is cited by its vendor document's title and public URL, never by a path on our machines

@@ -312,12 +312,23 @@ def _api_usage(account: CrmAccount, now: datetime) -> ApiUsage | None:
                     resets_at=resets, exhausts_at=exhausts)
 
 
+def _acts_as_user(provider: str) -> bool:
+    """The provider class can write as the real user (``Provider.acts_as_user``: Dynamics impersonation)."""
+    from core.errors import CrmBridgeError
+    from core.providers.registry import get_provider_class
+
+    try:
+        return get_provider_class(provider).acts_as_user
+    except CrmBridgeError:  # a provider this installation does not have
+        return False
+
+
 def _attribution(account: CrmAccount, settings: dict[str, Any]) -> Attribution:
-    """Salesforce: ``attribution_field`` (catalog account field); Dynamics: ``impersonation`` (catalog
-    account field, on by default); HubSpot: ``attribution_property`` (not in the catalog's account
-    fields yet, so HubSpot accounts read as unattributed until it is added)."""
+    """``attribution_field`` (catalog account field); a provider that acts as the user (Dynamics):
+    ``impersonation`` (catalog account field, on by default); ``attribution_property`` (HubSpot; not in
+    the catalog's account fields yet, so those accounts read as unattributed until it is added)."""
     field = str(settings.get("attribution_field") or settings.get("attribution_property") or "").strip() or None
-    if account.provider == "dynamics-365":
+    if _acts_as_user(account.provider):
         imp = settings.get("impersonation", True)
         return Attribution(field=field, impersonation=_truthy(imp))
     return Attribution(field=field, impersonation=False)

@@ -174,6 +174,15 @@ class Provider(ABC):
     #: The largest write batch and read page the vendor allows (used by sync and benchmarks).
     max_write_batch: ClassVar[int]
     max_page_size: ClassVar[int]
+    #: Writes can act as the real user (the CRM records them as that user: Dynamics impersonation), so sync
+    #: and posture count the actor as attributed without a field.
+    acts_as_user: ClassVar[bool] = False
+
+    @classmethod
+    def new_session_cache(cls) -> Any:
+        """A cache of CRM sessions a worker process shares across runs, passed back to the constructor as
+        ``session_cache`` (None: the class keeps no sessions across runs)."""
+        return None
 
     @abstractmethod
     def test_connection(self) -> ConnectionReport: ...

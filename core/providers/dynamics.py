@@ -372,6 +372,7 @@ class Dynamics365Provider(ProviderBase):
     """One Dynamics 365 environment, reached as its application user."""
 
     slug: ClassVar[str] = "dynamics-365"
+    acts_as_user: ClassVar[bool] = True  # impersonation (CallerObjectId / MSCRMCallerID)
     max_write_batch: ClassVar[int] = 1000
     max_page_size: ClassVar[int] = 5000
 

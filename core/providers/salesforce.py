@@ -463,6 +463,10 @@ class SalesforceProvider(ProviderBase):
     max_page_size: ClassVar[int] = 2000
     api_version: ClassVar[str] = API_VERSION
 
+    @classmethod
+    def new_session_cache(cls) -> SessionCache:
+        return SessionCache()
+
     def __init__(
         self,
         *,

@@ -256,7 +256,7 @@ class CredentialFields(dict[str, Any]):
     on_update: Callable[[dict[str, str]], None] | None = None
 
 
-_session_cache: Any = None
+_session_caches: dict[str, Any] = {}  # per provider slug, for this worker process
 _local = threading.local()
 
 
@@ -277,18 +277,23 @@ def default_provider_factory(ctx: JobContext, credential: Credential) -> Provide
     from core.connections.service import default_transport
     from core.providers.registry import get_provider_class
 
-    global _session_cache
     cls = get_provider_class(ctx.account.provider)
     kwargs: dict[str, Any] = {}
     if "session_cache" in inspect.signature(cls.__init__).parameters:
-        if _session_cache is None:
-            from core.providers.salesforce import SessionCache
-
-            _session_cache = SessionCache()
-        kwargs["session_cache"] = _session_cache
+        cache = _session_caches.get(cls.slug)
+        if cache is None:
+            cache = _session_caches[cls.slug] = cls.new_session_cache()
+        kwargs["session_cache"] = cache
     return cls(account=ctx.account, credential=credential,  # type: ignore[call-arg]
                transport=thread_transport(default_transport),
                on_credential_update=getattr(credential, "on_update", None), **kwargs)
+
+
+def acts_as_user(provider: str) -> bool:
+    """The provider class writes as the real user (impersonation): see ``Provider.acts_as_user``."""
+    from core.providers.registry import get_provider_class
+
+    return get_provider_class(provider).acts_as_user
 
 
 def worker_name() -> str:
@@ -804,7 +809,7 @@ class SyncEngine:
                 details["write_path"] = write_paths[row.id]
             if not ctx.per_user:
                 act_as = ctx.crm_user_ids.get(row.actor_app_user_id)
-                if act_as and ctx.account.provider.startswith("dynamics"):
+                if act_as and acts_as_user(ctx.account.provider):
                     details["impersonated_crm_user"] = act_as
                 if ctx.attribution_enabled:
                     details["attribution_field"] = ctx.account.setting("attribution_field")
