@@ -70,16 +70,30 @@ def account_config(account: CrmAccount) -> AccountConfig:
     return AccountConfig.from_crm_account(account)
 
 
-def credential_fields(secret: SecretStr | str) -> dict[str, Any]:
-    """A vault secret (a JSON object of fields) as a provider credential mapping of SecretStr."""
+def credential_fields(secret: SecretStr | str, account: AccountConfig | None = None) -> dict[str, Any]:
+    """A stored secret as the provider's credential mapping (values as SecretStr); the one place that
+    reads the vault's stored form (connection tests, OAuth exchange and sync all use it).
+
+    The vault holds either a JSON object of fields (a login: ``{"username", "password",
+    "security_token"}``; an app: ``{"client_id", "client_secret"}``) or one bare secret, which is the
+    field the account's mode needs: a password, a refresh token, a private key or a client secret.
+    """
     text = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        return {"password": SecretStr(text)}
-    return {k: SecretStr(v) if isinstance(v, str) else v for k, v in data.items()}
+    if text.strip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            return {k: (SecretStr(v) if isinstance(v, str) else v) for k, v in data.items()}
+    field_name = "password"
+    if account is not None:
+        if account.credential_mode == "per_user_oauth":
+            field_name = "refresh_token"
+        elif account.credential_mode == "api_user":
+            field_name = {"jwt_bearer": "private_key", "api_token": "api_token"}.get(account.auth_mode,
+                                                                                    "client_secret")
+    return {field_name: SecretStr(text)}
 
 
 def _load(session: Session, principal: Principal, account_id: int) -> CrmAccount:

@@ -95,8 +95,11 @@ def _edition(entry: Any, edition: str, *, with_upgrade: bool) -> EditionFacts:
             if entry.editions[slug].api_access.value == "included":
                 upgrade = _edition(entry, slug, with_upgrade=False)
                 break
+    attribution = next((f for f in entry.account_fields if f.name == "attribution_field"), None)
     return EditionFacts(
         provider=entry.slug, edition=edition, provider_name=entry.name, edition_name=ed.name, known=True,
+        attribution_field_title=attribution.title if attribution else "",
+        attribution_field_example=attribution.example or "" if attribution else "",
         facts={name: _fact_ref(name, f) for name, f in ed.facts().items()},
         auth_modes=tuple(
             AuthModeFacts(mode=m.mode, title=m.title, credential_mode=m.credential_mode, status=m.status,

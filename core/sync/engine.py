@@ -164,31 +164,6 @@ class CredentialSource(Protocol):
 ProviderFactory = Callable[[JobContext, Credential], Provider]
 
 
-def credential_fields(secret: str, account: AccountConfig | None = None) -> dict[str, Any]:
-    """A stored secret as the provider's credential mapping (values as SecretStr).
-
-    The vault holds either a JSON object of fields (a login: ``{"username", "password",
-    "security_token"}``; an app: ``{"client_id", "client_secret"}``) or one bare secret, which is the
-    field the account's mode needs: a password, a refresh token, a private key or a client secret.
-    """
-    text = secret.strip()
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = None
-        if isinstance(data, dict):
-            return {k: (SecretStr(v) if isinstance(v, str) else v) for k, v in data.items()}
-    field_name = "password"
-    if account is not None:
-        if account.credential_mode == "per_user_oauth":
-            field_name = "refresh_token"
-        elif account.credential_mode == "api_user":
-            field_name = {"jwt_bearer": "private_key", "api_token": "api_token"}.get(account.auth_mode,
-                                                                                    "client_secret")
-    return {field_name: SecretStr(secret)}
-
-
 class VaultCredentials:
     """The vault as the run's credential source: ``find_credential`` + ``use()`` for the whole run."""
 
@@ -219,6 +194,8 @@ class VaultCredentials:
                        if ctx.app_user_id is not None else "store the API user's secret on the tenant page.")
                 )
             with ExitStack() as stack:
+                from core.connections.service import credential_fields
+
                 fields = CredentialFields()
                 if app_ref is not None:
                     app_secret = stack.enter_context(vault.use(s, app_ref, principal=self.principal,
