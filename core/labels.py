@@ -1,5 +1,4 @@
-"""One mapping from stored values (enum values, step keys, roles; CRM names come
-from the provider catalog) to the words a user reads.
+"""One mapping from stored values (enum values, step keys, roles, providers) to the words a user reads.
 
 Every page shows these labels, never the raw value: ``label(CREDENTIAL_MODES, "api_user")`` →
 "API user". An unknown value falls back to a readable form of itself (underscores become spaces), so a
@@ -40,6 +39,7 @@ ONBOARDING_STEPS = {
 
 STEP_STATUSES = {"done": "Done", "deferred": "Deferred", "pending": "To do"}
 
+
 ACCOUNT_STATUSES = {"active": "Active", "paused": "Paused", "disabled": "Disabled", "invited": "Invited"}
 
 
@@ -74,6 +74,23 @@ def step(value: object) -> str:
 
 def step_status(value: object) -> str:
     return label(STEP_STATUSES, value)
+
+
+def provider(value: object) -> str:
+    """A CRM's name as its catalog entry gives it ("dynamics-365" → "Microsoft Dynamics 365 Sales")."""
+    from core.providers.catalog import get_catalog
+
+    entry = get_catalog().providers.get(str(value)) if value is not None else None
+    return entry.name if entry is not None else label({}, value)
+
+
+def edition(provider_slug: object, value: object) -> str:
+    """An edition's name from the catalog ("sales-enterprise" → "Dynamics 365 Sales Enterprise")."""
+    from core.providers.catalog import get_catalog
+
+    entry = get_catalog().providers.get(str(provider_slug)) if provider_slug is not None else None
+    ed = entry.editions.get(str(value)) if entry is not None and value is not None else None
+    return ed.name if ed is not None else label({}, value)
 
 
 # A source is cited by its vendor document's title and public URL, never by a path on our machines

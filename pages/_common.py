@@ -34,17 +34,6 @@ def crm_slugs() -> list[str]:
     return get_catalog().slugs()
 
 
-def crm_name(slug: object) -> str:
-    """A CRM's display name from the catalog (the slug itself when the catalog does not know it)."""
-    from core.errors import NotFound
-    from core.providers.catalog import get_catalog
-
-    try:
-        return get_catalog().provider(str(slug)).name
-    except NotFound:
-        return str(slug)
-
-
 def md(value: object) -> str:
     """``value`` as literal text inside Markdown: the punctuation Markdown builds on backslash-escaped
     (CommonMark allows escaping any ASCII punctuation), so no link, image, autolink (``https://``, ``www.``,

@@ -17,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core import labels
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.posture.adoption import TenantRow
@@ -60,6 +61,10 @@ def _focus(slug: str) -> None:
     st.rerun()
 
 
+def _crm(provider: str, edition: str) -> str:
+    return f"{labels.provider(provider)} · {labels.edition(provider, edition)}"
+
+
 p = principal()
 try:
     with session_scope() as s:
@@ -94,7 +99,7 @@ if focus is not None:
         c[0].metric("Maturity level", f"{focus.level} of 4", help=LEVELS[focus.level][1])
         c[1].metric("SSO", SSO.get(focus.sso_state, focus.sso_state))
         c[2].metric("Users signing in by SSO", f"{focus.users_sso:,} of {focus.users_total:,}")
-        c[3].metric("CRM", focus.crm or "none")
+        c[3].metric("CRM", ", ".join(_crm(*pe) for pe in sorted(set(focus.editions))) or "none")
         if focus.step:
             st.markdown(f"**Next step** → level {focus.to_level}: {md(STEP.get(focus.rule, focus.step))} · "
                         f"who acts: **{WHO.get(focus.who, focus.who)}**"
@@ -111,10 +116,8 @@ if focus is not None:
             del st.query_params["tenant"]
             st.rerun()
 
-crms = ["All CRMs"] + [f"{r.provider} {r.edition}" for r in rep.by_edition]
-choice = st.selectbox("CRM and edition", crms, index=0)
-sel = None if choice == "All CRMs" else next((r.provider, r.edition) for r in rep.by_edition
-                                             if f"{r.provider} {r.edition}" == choice)
+crms = {"All CRMs": None} | {_crm(r.provider, r.edition): (r.provider, r.edition) for r in rep.by_edition}
+sel = crms[st.selectbox("CRM and edition", list(crms), index=0)]
 
 # --- over time (daily posture snapshots, aggregates only) -------------------------------------------
 left, right = st.columns(2)
@@ -151,7 +154,7 @@ with right:
         st.caption("No daily posture history yet.")
 
 # --- today: click a bar to list its tenants ----------------------------------------------------------
-in_sel = [r for r in rows if sel is None or f"{sel[0]} {sel[1]}" in r.crm.split(", ")]
+in_sel = [r for r in rows if sel is None or sel in r.editions]
 left, right = st.columns(2)
 with left:
     st.subheader("Maturity today")
@@ -240,13 +243,15 @@ _tenant_table(listed[:SHOWN], key="tenant_table")
 
 st.subheader("By CRM and edition")
 st.dataframe(
-    [{"CRM": r.provider, "Edition": r.edition, "Tenants": r.tenants, "CRM accounts": r.accounts,
+    [{"CRM": labels.provider(r.provider), "Edition": labels.edition(r.provider, r.edition),
+      "Tenants": r.tenants, "CRM accounts": r.accounts,
       "Tested SSO": f"{r.sso_tested_share:.0%}", "Users by SSO": f"{r.users_sso_share:.0%}",
       **{MODE.get(k, k): v for k, v in r.modes.items()}} for r in rep.by_edition],
     hide_index=True, width="stretch",
 )
 st.dataframe(
-    [{"CRM": r.provider, "Edition": r.edition, **{LEVEL_LABEL[k]: v for k, v in r.levels.items()}}
+    [{"CRM": labels.provider(r.provider), "Edition": labels.edition(r.provider, r.edition),
+      **{LEVEL_LABEL[k]: v for k, v in r.levels.items()}}
      for r in rep.by_edition],
     hide_index=True, width="stretch",
 )

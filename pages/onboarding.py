@@ -12,7 +12,7 @@ from core.errors import CrmBridgeError
 from core.tenants import onboarding as ob
 from core.tenants.models import CredentialMode
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants
-from pages._common import crm_name, md, page_link, principal, selected_tenant_id, show_error
+from pages._common import md, page_link, principal, selected_tenant_id, show_error
 from pages._crm_accounts import render_add_crm_account, render_connection_test
 from pages._invites import render_invite_admin
 from pages._sandbox_org import render_sandbox_org
@@ -117,7 +117,7 @@ def _done_button() -> None:
 
 if chosen == "crm_accounts":
     for a in accounts:
-        st.markdown(f"- **{md(a.label)}** — {md(crm_name(a.provider))} {md(a.edition)}")
+        st.markdown(f"- **{md(a.label)}** — {md(labels.provider(a.provider))} {md(a.edition)}")
     render_add_crm_account(tenant_id)
     _done_button()
 elif chosen == "credential_mode":

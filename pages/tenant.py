@@ -9,7 +9,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.sync.service import account_statuses
 from core.tenants.service import get_tenant, list_app_users, list_crm_accounts
-from pages._common import ago, crm_name, csv_download, md, md_code, principal, selected_tenant_id, show_error
+from pages._common import ago, csv_download, md, md_code, principal, selected_tenant_id, show_error
 from pages._credentials import render_credentials
 from pages._crm_accounts import (
     render_add_crm_account,
@@ -41,7 +41,7 @@ st.caption(f"{md_code(tenant.slug)} · status **{md(labels.tenant_status(tenant.
 st.subheader("CRM accounts")
 if accounts:
     st.dataframe(
-        [{"Label": a.label, "CRM": crm_name(a.provider), "Edition": a.edition,
+        [{"Label": a.label, "CRM": labels.provider(a.provider), "Edition": a.edition,
           "Credential mode": labels.credential_mode(a.credential_mode),
           "Status": statuses[a.id].label if a.id in statuses else labels.humanize(a.status),
           "Last test": ("passed" if a.last_test_ok else "failed") if a.last_test_at else "never",
@@ -56,7 +56,7 @@ if flash:
     st.success(flash)
 focus = st.query_params.get("account")  # a posture finding's action link opens this account's panel
 for a in accounts:
-    with st.expander(f"{md(a.label)} — {md(crm_name(a.provider))} {md(a.edition)}",
+    with st.expander(f"{md(a.label)} — {md(labels.provider(a.provider))} {md(a.edition)}",
                      expanded=focus == str(a.id)):
         render_connection_test(a.id)
         render_quota(a.id)

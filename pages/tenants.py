@@ -9,7 +9,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.models import TenantStatus
 from core.tenants.service import create_tenant, list_tenants
-from pages._common import crm_name, crm_slugs, csv_download, md, page_link, principal, show_error
+from pages._common import crm_slugs, csv_download, md, page_link, principal, show_error
 
 p = principal()
 st.title("Tenants")
@@ -19,7 +19,7 @@ search = c1.text_input("Search name or slug", key="tenants_search")
 status = c2.selectbox("Status", ["all", *[s.value for s in TenantStatus]], key="tenants_status",
                       format_func=lambda v: "All" if v == "all" else labels.tenant_status(v))
 provider = c3.selectbox("CRM", ["all", *crm_slugs()], key="tenants_provider",
-                        format_func=lambda v: "All" if v == "all" else crm_name(v))
+                        format_func=lambda v: "All" if v == "all" else labels.provider(v))
 page_size = 50
 page_no = st.session_state.get("tenants_page", 0)
 
@@ -43,7 +43,7 @@ st.caption(f"{total} tenant(s)")
 if rows:
     table = [{"Name": r.name, "Slug": r.slug, "Status": labels.tenant_status(r.status),
               "Onboarding step": labels.step(r.onboarding_step), "CRM accounts": r.crm_accounts,
-              "CRMs": ", ".join(crm_name(x.strip()) for x in r.providers.split(",") if x.strip()),
+              "CRMs": ", ".join(labels.provider(x.strip()) for x in r.providers.split(",") if x.strip()),
               "Users": r.users} for r in rows]
     st.dataframe(table, hide_index=True, width="stretch")
     csv_download(table, "crmbridge-tenants.csv")

@@ -19,7 +19,8 @@ from core.errors import AccessDenied, DeliveryFailed, NotFound
 from core.tenants import auth
 from core.tenants.access import NOT_IN_SCOPE, Principal
 from core.tenants.audit import record_event
-from core.tenants.models import ConsoleAccount, Tenant
+from core.tenants.models import ConsoleAccount
+from core.tenants.service import tenant_names
 
 log = logging.getLogger("crmbridge.accounts")
 
@@ -59,7 +60,7 @@ def list_accounts(
     if scope is not None:
         q = q.where(ConsoleAccount.tenant_id == scope)
     accounts = session.exec(q.order_by(col(ConsoleAccount.email))).all()
-    names = {t.id: t.name for t in session.exec(select(Tenant))}
+    names = tenant_names(session=session, principal=principal, ids={a.tenant_id for a in accounts if a.tenant_id})
     rows = []
     for a in accounts:
         assert a.id is not None

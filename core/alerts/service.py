@@ -35,7 +35,7 @@ from core.errors import AccessDenied, InvalidInput, NotFound
 from core.settings import get_settings
 from core.tenants.access import Principal, require_staff, require_tenant
 from core.tenants.audit import record_event
-from core.tenants.models import Tenant
+from core.tenants.service import tenant_names
 
 
 def _now(now: datetime | None) -> datetime:
@@ -342,8 +342,8 @@ def list_deliveries(
         AlertChannel, col(AlertChannel.id) == col(AlertDelivery.channel_id))
     if tenant_id is not None:
         q = q.where(AlertDelivery.tenant_id == tenant_id)
-    names = {t.id: t.name for t in session.exec(select(Tenant))}
     rows = session.exec(q.order_by(col(AlertDelivery.id).desc()).limit(max(1, min(limit, 2000)))).all()
+    names = tenant_names(session=session, principal=principal, ids={d.tenant_id for d, _, _ in rows if d.tenant_id})
     return [DeliveryRow(d.id, d.created_at, names.get(d.tenant_id, "staff digest") if d.tenant_id else "staff digest",  # type: ignore[arg-type]
                         f"{c.name} ({c.kind})", n.kind, n.title, d.status, d.attempts, d.next_attempt_at,
                         d.last_error, d.last_http_status) for d, n, c in rows]
@@ -369,10 +369,10 @@ def list_active(*, session: Session, principal: Principal, tenant_id: int | None
     q = select(AlertState).where(AlertState.status == StateStatus.firing.value)
     if tenant_id is not None:
         q = q.where(AlertState.tenant_id == tenant_id)
-    names = {t.id: t.name for t in session.exec(select(Tenant))}
+    states = session.exec(q.order_by(col(AlertState.tenant_id), col(AlertState.first_fired_at))).all()
+    names = tenant_names(session=session, principal=principal, ids={s.tenant_id for s in states})
     return [ActiveAlert(s.tenant_id, names.get(s.tenant_id, ""), s.rule, s.title, s.summary, s.level,
-                        s.first_fired_at)
-            for s in session.exec(q.order_by(col(AlertState.tenant_id), col(AlertState.first_fired_at)))]
+                        s.first_fired_at) for s in states]
 
 
 # --- running ---------------------------------------------------------------------------------------

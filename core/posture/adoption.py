@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Any
 
 from core.posture.maturity import LEVELS
@@ -164,6 +165,7 @@ class TenantRow:
     who: str
     rule: str
     one_step_away: bool
+    editions: tuple[tuple[str, str], ...] = ()  # (provider, edition) slugs, for labels and filters
 
 
 @dataclass
@@ -209,7 +211,8 @@ class AdoptionReport:
         return d
 
 
-def _crm_label(editions: Iterable[tuple[str, str]]) -> str:
+@lru_cache(maxsize=1024)  # a few distinct CRM mixes across thousands of tenants
+def _crm_label(editions: tuple[tuple[str, str], ...]) -> str:
     return ", ".join(sorted({f"{p} {e}" for p, e in editions}))
 
 
@@ -271,6 +274,6 @@ def build_adoption(current: Sequence[TenantPosture], history: Iterable[HistoryPo
         by_edition=[rows[k] for k in sorted(rows)], trend=trend, pipeline=pipeline, sso_trend=sso_trend,
         tenant_rows=sorted((TenantRow(t.name, t.slug, _crm_label(t.editions), t.level, t.sso_state, t.users_total,
                                       t.users_sso, t.to_level, t.next_title or "", t.next_who or "",
-                                      t.next_rule or "", t.one_step_away) for t in current),
+                                      t.next_rule or "", t.one_step_away, tuple(t.editions)) for t in current),
                            key=lambda r: (r.level, r.name)),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import case, func
@@ -104,6 +105,7 @@ def _tenant_posture(snap: TenantSnapshot, report: PostureReport) -> TenantPostur
     )
 
 
+@lru_cache(maxsize=1024)  # a few distinct strings across thousands of tenants' rows
 def _editions(text: str) -> tuple[tuple[str, str], ...]:
     out = []
     for item in filter(None, (text or "").split(",")):
@@ -116,15 +118,31 @@ FRESH = timedelta(hours=26)  # a daily snapshot older than this is recomputed li
 TREND_STEP_DAYS = 7
 
 
-def _from_row(r: PostureSnapshot, name: str, slug: str) -> TenantPosture:
-    editions = _editions(r.editions)
-    modes = tuple(filter(None, (r.account_modes or "").split(",")))
+@lru_cache(maxsize=1024)
+def _modes(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, text.split(",")))
+
+
+# The columns a TenantPosture needs, read as plain rows (no ORM objects: thousands of tenants per page).
+_POSTURE_COLUMNS = (PostureSnapshot.tenant_id, PostureSnapshot.level,
+                    PostureSnapshot.sso_state, PostureSnapshot.users_total, PostureSnapshot.users_sso,
+                    PostureSnapshot.editions, PostureSnapshot.account_modes, PostureSnapshot.accounts_api_user,
+                    PostureSnapshot.accounts_per_user_oauth, PostureSnapshot.accounts_per_user_password,
+                    PostureSnapshot.world, PostureSnapshot.next_title, PostureSnapshot.next_who,
+                    PostureSnapshot.next_rule, PostureSnapshot.to_level, PostureSnapshot.one_step_away)
+
+
+def _from_row(r: Any, name: str, slug: str) -> TenantPosture:
+    """A TenantPosture from a row of ``_POSTURE_COLUMNS``."""
+    (tenant_id, level, sso_state, users_total, users_sso, editions_text, account_modes, n_api, n_oauth, n_pw,
+     world, next_title, next_who, next_rule, to_level, one_step_away) = r
+    editions = _editions(editions_text or "")
+    modes = _modes(account_modes or "")
     if len(modes) != len(editions):  # rows written before account_modes existed
-        modes = (("api_user",) * r.accounts_api_user + ("per_user_oauth",) * r.accounts_per_user_oauth
-                 + ("per_user_password",) * r.accounts_per_user_password)[:len(editions)]
+        modes = (("api_user",) * n_api + ("per_user_oauth",) * n_oauth + ("per_user_password",) * n_pw)[:len(editions)]
         modes += ("api_user",) * (len(editions) - len(modes))
-    return TenantPosture(r.tenant_id, name, slug, r.level, r.sso_state, r.users_total, r.users_sso, modes, editions,
-                         r.world, r.next_title, r.next_who, r.next_rule, r.to_level, r.one_step_away)
+    return TenantPosture(tenant_id, name, slug, level, sso_state, users_total, users_sso, modes, editions,
+                         world, next_title, next_who, next_rule, to_level, one_step_away)
 
 
 def get_adoption(*, session: Session, principal: Principal, now: datetime | None = None, days: int = 90
@@ -147,9 +165,10 @@ def get_adoption(*, session: Session, principal: Principal, now: datetime | None
     newest = session.exec(select(func.max(PostureSnapshot.day))).one()
     current: list[TenantPosture] = []
     if newest is not None:
-        for r in session.exec(select(PostureSnapshot).where(PostureSnapshot.day == newest)).all():
-            if r.tenant_id in tenants and now - r.taken_at <= FRESH:
-                current.append(_from_row(r, *tenants[r.tenant_id]))
+        for r in session.exec(select(*_POSTURE_COLUMNS).where(  # type: ignore[call-overload]
+                PostureSnapshot.day == newest, col(PostureSnapshot.taken_at) >= now - FRESH)).all():
+            if r[0] in tenants:
+                current.append(_from_row(r, *tenants[r[0]]))
     fresh = {t.tenant_id for t in current}
     stale = [tid for tid in tenants if tid is not None and tid not in fresh]
     if stale:

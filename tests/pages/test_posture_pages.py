@@ -123,9 +123,15 @@ def test_adoption_leadership_sees_figures_charts_and_pipeline_without_user_level
 def test_adoption_filters_by_crm_and_edition(app_db):
     _world(app_db, history=True)
     at = run_page("adoption.py", LEAD)
-    at.selectbox[0].select("salesforce professional").run()
+    options = at.selectbox[0].options
+    assert "Salesforce · Professional" in options, options  # the catalog's names, not slugs
+    assert not any("-" in o.split(" · ")[0] or "_" in o for o in options), options
+    at.selectbox[0].select("Salesforce · Professional").run()
     assert not at.exception
     assert len(at.get("plotly_chart")) == 4
+    tables = [el.value for el in at.dataframe]
+    listed = next(t for t in tables if "Next step" in t.columns and len(t) and "Prof" in " ".join(t["Tenant"]))
+    assert set(listed["Tenant"]) == {"Prof Services Ltd"}, listed  # the filter narrows the tenant list
 
 
 def test_adoption_staff_sees_it_too(app_db):
