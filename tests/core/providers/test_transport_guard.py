@@ -494,7 +494,7 @@ def test_a_connect_link_never_sends_the_user_to_sign_in_at_a_planted_host(app_db
         s.commit()
     token = url.rsplit("/", 1)[1]
     try:
-        client = TestClient(Starlette(routes=connect_link_routes()))  # the product's CRM test
+        client = TestClient(Starlette(routes=connect_link_routes()))  # the product's OAuth start (begin_authorization)
         assert "<b>login.evil.example.com</b>" in client.get(f"/connect/{token}").text  # shown, not hidden
         start = client.get(f"/connect/{token}/oauth", follow_redirects=False)
         assert start.status_code == 503 and "refused" in start.text
