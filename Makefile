@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test lint bench venv clean sandbox lock lock-check
+.PHONY: run test lint lint-imports bench venv clean sandbox lock lock-check
 
 # uv itself is pinned and kept apart in .tools/, so the project's venv holds exactly the lock. pip --target
 # takes about 2 s; a Python without pip (Debian's without python3-pip) gets a small venv instead (about 9 s).
@@ -46,9 +46,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: lint-imports
 	$(BIN)/ruff check core pages sandbox bench tests dashboard.py server.py
 	$(BIN)/mypy core
+
+# The import contracts in .importlinter (layers, no cycles, sandbox and providers apart); counts imports
+# inside functions too.
+lint-imports: $(STAMP)
+	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
+import ssl
 import sys
 import tempfile
 import time
@@ -45,15 +45,35 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import ClassVar
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.providers.base import OpportunityChange, Provider  # noqa: E402
-from core.providers.config import AccountConfig  # noqa: E402
+from core.providers.config import AccountConfig, HttpTransport  # noqa: E402
 from core.providers.dynamics import Dynamics365Provider  # noqa: E402
 from core.providers.hubspot import HubSpotProvider  # noqa: E402
-from tests.fixtures.sandbox import SandboxHandle, start_sandbox  # noqa: E402
+from core.providers.transport import CrmUrlPolicy  # noqa: E402
+from sandbox.launch import Launched, launch  # noqa: E402
 
 QUIET_SECONDS = 11
+
+
+class SandboxHandle:
+    """What the benchmark needs of a running sandbox (started by ``sandbox.launch``, as in the tests)."""
+
+    def __init__(self, launched: Launched) -> None:
+        self.launched, self.base_url = launched, launched.base_url
+        self.http = httpx.Client(base_url=self.base_url, timeout=30,
+                                 verify=ssl.create_default_context(cafile=str(launched.ca_file)))
+        self.http.get("/_sandbox/health").raise_for_status()
+
+    def url(self, path: str = "/") -> str:
+        return self.base_url + "/" + path.lstrip("/")
+
+    def transport(self) -> HttpTransport:
+        return HttpTransport(verify=str(self.launched.ca_file),
+                             url_policy=CrmUrlPolicy.vendors(sandbox_url=self.base_url))
 
 
 @dataclass
@@ -191,17 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-providers-") as tmp:
-        sandbox = start_sandbox(Path(tmp) / "tls")
+        sandbox = SandboxHandle(launch(tls_dir=Path(tmp) / "tls", seed=1234, log_file=Path(tmp) / "sandbox.log"))
         try:
             ratios = run_all(sandbox, quick=args.quick, budget=args.naive_budget)
             hubspot_fallbacks(sandbox)
         finally:
             sandbox.http.close()
-            sandbox.process.terminate()
-            try:
-                sandbox.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                sandbox.process.kill()
+            sandbox.launched.stop()
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
     print("RESULT " + " ".join(f"{k}_call_ratio={v:.2f}" for k, v in ratios.items()))
     return 0

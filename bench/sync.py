@@ -142,29 +142,17 @@ class Sandbox:
         import httpx
         import yaml
 
-        from sandbox.tls import ensure_tls
+        from sandbox.launch import launch
 
         (work / "scenario.yaml").write_text(yaml.safe_dump(scenario(records)))
-        self.ca = ensure_tls(work / "tls").ca_file
-        port = _free_port(40000, 49999)
-        # Served by uvicorn on host/port (not ``python -m sandbox``, which hands uvicorn a socket made
-        # with proto 0: asyncio then leaves Nagle on and every answer waits ~40 ms for a delayed ACK).
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-sandbox", str(work), "--port", str(port)],
-            cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.url = f"https://127.0.0.1:{port}"
+        # The launcher the tests and `make run` use; it sets TCP_NODELAY on its socket, so no answer
+        # waits ~40 ms for a delayed ACK.
+        self.launched = launch(tls_dir=work / "tls", scenario=work / "scenario.yaml", seed=7,
+                               log_file=work / "sandbox.log")
+        self.ca, self.url = self.launched.ca_file, self.launched.base_url
         self.http = httpx.Client(base_url=self.url, verify=ssl.create_default_context(cafile=str(self.ca)),
                                  timeout=120)
-
-        for _ in range(600):
-            try:
-                self.http.get("/_sandbox/health").raise_for_status()
-                break
-            except httpx.TransportError:
-                if self.proc.poll() is not None:
-                    raise SystemExit("the sandbox did not start") from None
-                time.sleep(0.1)
+        self.http.get("/_sandbox/health").raise_for_status()
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         r = self.http.post(path, json=body)
@@ -173,11 +161,7 @@ class Sandbox:
 
     def stop(self) -> None:
         self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.launched.stop()
 
 
 # -- database ---------------------------------------------------------------------------------------
@@ -441,19 +425,6 @@ def scale_run(url: str, sb: Sandbox, workers: int, latency_ms: float) -> dict[st
             "calls": calls or 0, "logins": logins or 0, "spread": len(per_worker)}
 
 
-def serve_sandbox(work: Path, port: int) -> int:
-    import uvicorn
-
-    from sandbox.app import create_app
-    from sandbox.tls import ensure_tls
-
-    files = ensure_tls(work / "tls")
-    app = create_app(work / "scenario.yaml", seed=7)
-    uvicorn.run(app, host="127.0.0.1", port=port, ssl_certfile=str(files.cert_file),
-                ssl_keyfile=str(files.key_file), log_level="warning", lifespan="off", access_log=False)
-    return 0
-
-
 def worker_main(args: argparse.Namespace) -> int:
     import logging
 
@@ -480,13 +451,9 @@ def main() -> int:
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--ca", help=argparse.SUPPRESS)
     ap.add_argument("--name", default="w", help=argparse.SUPPRESS)
-    ap.add_argument("--serve-sandbox", help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker_main(args)
-    if args.serve_sandbox:
-        return serve_sandbox(Path(args.serve_sandbox), args.port)
     _env_keys()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="crmbridge-bench-sync."))

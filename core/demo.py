@@ -15,13 +15,13 @@ from sqlalchemy import delete, func
 from sqlmodel import Session, SQLModel, select
 
 import core.models  # noqa: F401
+from core.accounts.routes import DEMO_PASSWORD
 from core.clock import utcnow
 from core.db import get_engine, session_scope
 from core.settings import ROOT, get_settings
 from core.tenants.access import Principal
 from core.tenants.auth import hash_password
 from core.tenants.models import AppUser, AppUserCrmIdentity, ConsoleAccount, CrmAccount, Tenant
-from core.tenants.routes import DEMO_PASSWORD
 
 log = logging.getLogger(__name__)
 DEMO_DIR = ROOT / "data" / "demo"

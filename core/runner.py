@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from core.settings import ROOT, SANDBOX_TLS_DIR, get_settings
+from sandbox.launch import Launched, SandboxStartFailed, launch
 
 log = logging.getLogger("crmbridge.run")
 
@@ -43,21 +44,12 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
-def _start_sandbox(port: str) -> tuple[subprocess.Popen[str] | None, str]:
+def _start_sandbox(port: int) -> Launched:
+    """The demo's sandbox, through the same launcher the tests and benchmarks use."""
     settings = get_settings()
-    sandbox = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "--port", port, "--tls-dir", str(SANDBOX_TLS_DIR),
-         # sign-in/consent pages over loopback http (no certificate warning); callbacks follow the console
-         "--browser-port", str(urlsplit(settings.sandbox_browser_url).port or 80),
-         "--console-url", settings.public_url],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )
-    assert sandbox.stdout is not None
-    line = sandbox.stdout.readline().strip()
-    if not line.startswith("SANDBOX READY"):
-        sandbox.terminate()
-        return None, line
-    return sandbox, line
+    # sign-in/consent pages over loopback http (no certificate warning); callbacks follow the console
+    return launch(tls_dir=SANDBOX_TLS_DIR, port=port,
+                  browser_port=urlsplit(settings.sandbox_browser_url).port or 80, console_url=settings.public_url)
 
 
 def main() -> int:
@@ -65,12 +57,13 @@ def main() -> int:
     settings = get_settings()
     sandbox = None
     if settings.demo:
-        port = settings.sandbox_url.rsplit(":", 1)[-1].strip("/")
-        sandbox, line = _start_sandbox(port)
-        if sandbox is None:
-            log.error("the CRM sandbox did not start (%s): is port %s free?", line or "no output", port)
+        port = int(settings.sandbox_url.rsplit(":", 1)[-1].strip("/"))
+        try:
+            sandbox = _start_sandbox(port)
+        except SandboxStartFailed as exc:
+            log.error("%s", exc)
             return 1
-        log.info("CRM sandbox: %s (CA %s)", line.split()[2], line.split()[-1])
+        log.info("CRM sandbox: %s (CA %s)", sandbox.base_url, sandbox.ca_file)
         # The demo loads once the sandbox answers: SSO imports its IdP metadata, providers test logins.
         demo = subprocess.run([sys.executable, "-m", "core", "demo", "load", "--if-empty"], cwd=ROOT,
                               capture_output=True, text=True)
@@ -95,8 +88,8 @@ def main() -> int:
     code = 0
     try:
         while not stopping:
-            if sandbox is not None and sandbox.poll() is not None:
-                log.error("the CRM sandbox stopped (exit %s): stopping everything", sandbox.returncode)
+            if sandbox is not None and sandbox.process.poll() is not None:
+                log.error("the CRM sandbox stopped (exit %s): stopping everything", sandbox.process.returncode)
                 code = 1
                 break
             essential_down = next((c for c in children if c.essential and not c.alive()), None)
@@ -122,7 +115,7 @@ def main() -> int:
     finally:
         procs: list[subprocess.Popen] = [c.proc for c in children if c.proc is not None]  # type: ignore[type-arg]
         if sandbox is not None:
-            procs.append(sandbox)
+            procs.append(sandbox.process)
         for p in procs:  # the scheduler and the worker finish the job in hand, then exit
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -152,10 +152,6 @@ class Settings(BaseSettings):
             self.sandbox_ca_file = SANDBOX_CA_FILE
         return self
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
     def sandbox_verify(self) -> str | bool:
         """What HTTPS clients verify with: the sandbox CA file when one is configured (in demo mode, the
         well-known ``data/sandbox-tls/ca.pem`` once the sandbox has written it), else the system CAs."""

@@ -5,7 +5,6 @@ Streamlit cannot set cookies, so only these routes set and clear the session coo
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import html
 import secrets
@@ -13,6 +12,7 @@ import secrets
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from core.keys import CSRF, mac
 from core.settings import get_settings
 
 SESSION_COOKIE = "crmbridge_session"
@@ -42,8 +42,7 @@ def csrf_pair() -> tuple[str, str]:
 
 
 def csrf_token_for(binding: str) -> str:
-    key = get_settings().server_secret()
-    return hmac.new(key, b"csrf|" + binding.encode(), hashlib.sha256).hexdigest()
+    return mac(CSRF, binding.encode()).hex()
 
 
 def csrf_ok(binding: str | None, token: str | None) -> bool:
@@ -99,3 +98,10 @@ def html_page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
     resp.headers["X-Frame-Options"] = "DENY"
     resp.headers["Referrer-Policy"] = "no-referrer"
     return resp
+
+
+def safe_next(value: str | None) -> str:
+    """Only relative paths on this server (no scheme, no //host) may follow a sign-in."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value

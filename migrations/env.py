@@ -10,6 +10,9 @@ from core.settings import get_settings
 
 config = context.config
 target_metadata = core.models.metadata
+# Data migrations that seal or open stored secrets read the server secret through this (only when they
+# have rows to convert: an empty database migrates without one).
+config.attributes.setdefault("server_secret", lambda: get_settings().server_secret())
 
 
 def _url() -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import streamlit as st
 
 from core import labels
+from core import onboarding as ob
 from core.connections.service import set_credential_mode
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.tenants import onboarding as ob
 from core.tenants.models import CredentialMode
 from core.tenants.service import get_tenant, list_crm_accounts, list_tenants
 from pages._common import md, page_link, principal, selected_tenant_id, show_error

@@ -1,6 +1,9 @@
-"""Plain HTML routes (Starlette, beside the console) for everything that carries a secret: accepting
-an invitation, resetting a password, the second-factor step of a sign-in, and TOTP enrolment. None
-of these secrets ever passes through Streamlit.
+"""Plain HTML routes (Starlette, beside the console) for everything that carries a secret: signing in
+and out, accepting an invitation, resetting a password, the second-factor step of a sign-in, and TOTP
+enrolment. None of these secrets ever passes through Streamlit.
+
+Streamlit cannot set cookies, so sign-in and sign-out create and end the server-side session here and
+set the HttpOnly, SameSite=Lax cookie that dashboard.py reads on every rerun.
 
 GETs change nothing (mail scanners open links); every form is protected by a CSRF token bound to
 the link, challenge or session it belongs to.
@@ -16,20 +19,24 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from core.accounts import invitations, mfa, reset
-from core.accounts.signin import MFA_COOKIE, clear_mfa_cookie
-from core.alerts.channels import SmtpConfig, send_email
+from core.accounts.demo import demo_mfa_note
+from core.accounts.service import email_reset_link
+from core.accounts.signin import MFA_COOKIE, after_password, clear_mfa_cookie, enrolment_pending, lock_notifier
 from core.db import session_scope
 from core.errors import Conflict, DeliveryFailed, InvalidInput, LinkInvalid, SessionInvalid, SignInFailed
+from core.settings import get_settings
 from core.tenants import auth
-from core.tenants.routes import safe_next
 from core.web import (
     CSRF_COOKIE,
     SESSION_COOKIE,
+    clear_session_cookie,
+    client_address,
     csrf_ok,
     csrf_pair,
     csrf_token_for,
     esc,
     html_page,
+    safe_next,
     set_csrf_cookie,
     set_session_cookie,
 )
@@ -121,6 +128,96 @@ async def invite_post(request: Request) -> Response:
     return resp
 
 
+# --- sign-in and sign-out ---------------------------------------------------------------------
+
+
+# Shown on the sign-in page in demo mode only (data/demo/tenants.yaml creates these accounts).
+DEMO_ACCOUNTS = (
+    ("staff", "cs@crmbridge.example", "Customer success (staff)"),
+    ("tenant_admin", "admin@bigcorp.example", "Tenant admin of BigCorp"),
+    ("leadership", "vp.sales@crmbridge.example", "Sales leadership"),
+)
+DEMO_PASSWORD = "demo-password-1234"
+
+
+def _login_form(error: str | None = None, next_path: str = "/", status: int = 200) -> Response:
+    nonce, token = csrf_pair()
+    demo = ""
+    if get_settings().demo:
+        rows = "".join(
+            f"<tr><td>{esc(label)}</td><td><code>{esc(email)}</code></td></tr>" for _, email, label in DEMO_ACCOUNTS
+        )
+        demo = (f"<p class=note><b>Demo mode.</b> Every demo account's password is "
+                f"<code>{DEMO_PASSWORD}</code>.</p><table>{rows}</table>{demo_mfa_note()}")
+    err = f"<p class=error role=alert>{esc(error)}</p>" if error else ""
+    body = f"""<h1>Sign in to CRM Bridge</h1>{err}
+<form method=post action="/auth/login">
+<input type=hidden name=csrf value="{token}"><input type=hidden name=next value="{esc(next_path)}">
+<label for=email>Email</label><input id=email name=email type=email autocomplete=username required maxlength=254>
+<label for=password>Password</label>
+<input id=password name=password type=password autocomplete=current-password required maxlength=1024>
+<button type=submit>Sign in</button></form>
+<p class=note><a href="/auth/reset">Forgot your password?</a></p>
+<p class=note>Tenant admins whose company uses single sign-on can sign in through it at
+<code>/sso/&lt;tenant&gt;/login</code>.</p>{demo}"""
+    resp = html_page("Sign in", body, status)
+    set_csrf_cookie(resp, nonce)
+    return resp
+
+
+async def login_get(request: Request) -> Response:
+    with session_scope() as s:
+        if enrolment_pending(s, request.cookies.get(SESSION_COOKIE)):
+            return RedirectResponse("/auth/mfa/enrol", status_code=303)
+    return _login_form(next_path=safe_next(request.query_params.get("next")))
+
+
+async def login_post(request: Request) -> Response:
+    form = await request.form()
+    next_path = safe_next(str(form.get("next") or "/"))
+    if not csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf") or "")):
+        return _login_form("The form expired or was not sent from this page: try signing in again.", next_path, 400)
+    try:
+        with session_scope() as s:
+            account = auth.authenticate(
+                s, email=str(form.get("email") or ""), password=str(form.get("password") or ""),
+                address=client_address(request), on_lock=lock_notifier(),
+            )
+            # second factor, enrolment-only session (staff not enrolled yet) or a console session
+            resp = after_password(s, account=account, next_path=next_path)
+    except SignInFailed as exc:
+        return _login_form(str(exc), next_path, 401)
+    resp.delete_cookie(CSRF_COOKIE, path="/")
+    return resp
+
+
+def _logout_binding(token: str) -> str:
+    return "logout|" + token[:16]
+
+
+async def logout_get(request: Request) -> Response:
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        return RedirectResponse("/auth/login", status_code=303)
+    body = f"""<h1>Sign out</h1><p>End your CRM Bridge session on this browser?</p>
+<form method=post action="/auth/logout"><input type=hidden name=csrf value="{csrf_token_for(_logout_binding(token))}">
+<button type=submit>Sign out</button></form><p class=note><a href="/">Back to the console</a></p>"""
+    return html_page("Sign out", body)
+
+
+async def logout_post(request: Request) -> Response:
+    token = request.cookies.get(SESSION_COOKIE)
+    form = await request.form()
+    if token and not csrf_ok(_logout_binding(token), str(form.get("csrf") or "")):
+        msg = "<p class=error>The sign-out form expired: <a href=/auth/logout>try again</a>.</p>"
+        return html_page("Sign out", msg, 400)
+    with session_scope() as s:
+        auth.end_session(s, token)
+    resp = RedirectResponse("/auth/login", status_code=303)
+    clear_session_cookie(resp)
+    return resp
+
+
 # --- password reset --------------------------------------------------------------------------------
 
 
@@ -144,16 +241,9 @@ SENT = ("If an account exists for that address, we emailed it a link to choose a
 
 def _send_reset_mail(address: str, url: str) -> None:
     try:
-        send_email(SmtpConfig.from_settings(), to=[address], subject="Reset your CRM Bridge password",
-                   body=_reset_text(url))
+        email_reset_link(address, url)
     except DeliveryFailed as exc:
         log.warning("password reset email not sent: %s", exc.message)
-
-
-def _reset_text(url: str) -> str:
-    from core.accounts.service import reset_email_text
-
-    return reset_email_text(url)
 
 
 async def reset_request_get(request: Request) -> Response:
@@ -368,6 +458,10 @@ async def recovery_codes_post(request: Request) -> Response:
 
 
 routes: list[BaseRoute] = [
+    Route("/auth/login", login_get, methods=["GET"]),
+    Route("/auth/login", login_post, methods=["POST"]),
+    Route("/auth/logout", logout_get, methods=["GET"]),
+    Route("/auth/logout", logout_post, methods=["POST"]),
     Route("/auth/invite/{token}", invite_get, methods=["GET"]),
     Route("/auth/invite/{token}", invite_post, methods=["POST"]),
     Route("/auth/reset", reset_request_get, methods=["GET"]),

@@ -5,10 +5,10 @@ encrypted with that tenant's data key, audited on every use and shredded with th
 
 The vault has no platform-level key (every data key belongs to a tenant), so secrets of accounts
 without a tenant (staff, leadership) are sealed here with AES-256-GCM under a platform key derived
-(HKDF-SHA256) from the server secret, which lives outside the database like the vault's KEKs. The
-associated data binds each ciphertext to its owner and purpose, so a ciphertext copied to another
-row does not open. The stored reference is ``sealed:v1:<base64>``; a vault reference is
-``vault:<id>``. When the vault offers a platform key, only this module changes.
+(``core.keys.PLATFORM_SEAL``, HKDF-SHA256) from the server secret, which lives outside the database
+like the vault's KEKs. The associated data binds each ciphertext to its owner and purpose, so a
+ciphertext copied to another row does not open. The stored reference is ``sealed:v1:<base64>``; a
+vault reference is ``vault:<id>``. When the vault offers a platform key, only this module changes.
 """
 
 from __future__ import annotations
@@ -19,23 +19,19 @@ import os
 from datetime import datetime
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlmodel import Session
 
 from core.errors import CredentialInvalid
-from core.settings import get_settings
+from core.keys import PLATFORM_SEAL, derive_key
 from core.tenants.access import Principal
 
 SEALED_PREFIX = "sealed:v1:"
-_INFO = b"crmbridge/accounts/platform-secret/v1"
 _NONCE = 12
 
 
 def _platform_key() -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(
-        get_settings().server_secret())
+    return derive_key(PLATFORM_SEAL)
 
 
 def _aad(owner: str, purpose: str) -> bytes:

@@ -13,9 +13,9 @@ from sqlmodel import Session, col, select
 
 from core.accounts import invitations, mfa, reset
 from core.accounts.models import ConsoleInvitation
-from core.alerts.channels import SmtpConfig, send_email
 from core.clock import utcnow
 from core.errors import AccessDenied, DeliveryFailed, NotFound
+from core.mail import SmtpConfig, send_email
 from core.tenants import auth
 from core.tenants.access import NOT_IN_SCOPE, Principal
 from core.tenants.audit import record_event
@@ -146,9 +146,18 @@ def send_password_reset(
     """Email a reset link to the account's own address (the admin never sees the link). Returns the
     address. Raises DeliveryFailed (nothing is kept: the caller's transaction rolls back)."""
     address, url = reset.admin_reset_link(session=session, principal=principal, account_id=account_id, now=now)
+    email_reset_link(address, url, smtp=smtp, now=now)
+    return address
+
+
+def email_reset_link(address: str, url: str, *, smtp: SmtpConfig | None = None, now: datetime | None = None) -> None:
+    """The password-reset email (asked for by the account holder on /auth/reset, or sent by an admin).
+
+    Raises:
+        DeliveryFailed: the mail server could not be reached or refused it.
+    """
     send_email(smtp or SmtpConfig.from_settings(), to=[address], subject="Reset your CRM Bridge password",
                body=reset_email_text(url), now=now)
-    return address
 
 
 def _get_in_scope(session: Session, principal: Principal, account_id: int) -> ConsoleAccount:

@@ -1,4 +1,4 @@
-"""What happens after a correct password (called by the /auth/login route in core.tenants.routes):
+"""What happens after a correct password (called by the /auth/login route in core.accounts.routes):
 
 - an account with an active TOTP factor gets the second-factor step: a challenge token in an
   HttpOnly cookie scoped to /auth/mfa, and a redirect there;
@@ -16,8 +16,8 @@ from sqlmodel import Session
 from starlette.responses import RedirectResponse, Response
 
 from core.accounts import mfa
-from core.alerts.channels import SmtpConfig, send_email
 from core.errors import DeliveryFailed, SessionInvalid
+from core.mail import SmtpConfig, send_email
 from core.settings import get_settings
 from core.tenants import auth
 from core.tenants.models import ConsoleAccount

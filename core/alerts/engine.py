@@ -29,7 +29,7 @@ import httpx
 from sqlmodel import Session, col, select
 
 from core.accounts.secrets import SEALED_PREFIX, read_secret, store_secret
-from core.alerts.channels import SmtpConfig, parse_recipients, post_webhook, send_email
+from core.alerts.channels import post_webhook
 from core.alerts.models import (
     AlertChannel,
     AlertDelivery,
@@ -43,6 +43,7 @@ from core.alerts.models import (
 )
 from core.alerts.rules import RULES, Observation, level_rank, rule_title
 from core.errors import CrmBridgeError
+from core.mail import SmtpConfig, parse_recipients, send_email
 from core.settings import get_settings
 from core.tenants.access import Principal
 from core.tenants.models import Tenant

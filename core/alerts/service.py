@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 
 from core.accounts.secrets import forget_secret, read_secret, store_secret
 from core.alerts import engine, sources
-from core.alerts.channels import SmtpConfig, check_webhook_url, masked_webhook_url, parse_recipients
+from core.alerts.channels import check_webhook_url, masked_webhook_url
 from core.alerts.models import (
     AlertChannel,
     AlertDelivery,
@@ -32,6 +32,7 @@ from core.alerts.models import (
 from core.alerts.rules import RULES, Observation, params_for
 from core.clock import utcnow
 from core.errors import AccessDenied, InvalidInput, NotFound
+from core.mail import SmtpConfig, parse_recipients
 from core.settings import get_settings
 from core.tenants.access import Principal, require_staff, require_tenant
 from core.tenants.audit import record_event

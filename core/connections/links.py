@@ -37,6 +37,7 @@ from sqlmodel import Session, col, select
 
 from core.db import session_scope
 from core.errors import CrmBridgeError, InvalidInput, LinkInvalid, NotFound, ProviderError
+from core.keys import CONNECT_LINK, derive_key
 from core.settings import get_settings
 from core.tenants.access import Principal, offboarded_message, require_not_offboarded, require_tenant
 from core.tenants.audit import record_event
@@ -152,7 +153,7 @@ def same_crm_user(expected: str, actual: str | None) -> bool:
 
 
 def _key() -> bytes:
-    return hmac.new(get_settings().server_secret(), b"crmbridge.vault.connect-link/v1", hashlib.sha256).digest()
+    return derive_key(CONNECT_LINK)
 
 
 def _b64(raw: bytes) -> str:

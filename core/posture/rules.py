@@ -27,7 +27,6 @@ from core.posture.snapshot import (
     AccountSnapshot,
     EditionFacts,
     FactRef,
-    IdpCert,
     RetirementFacts,
     StoredCredential,
     TenantSnapshot,
@@ -880,7 +879,3 @@ def catalog_gaps(t: TenantSnapshot) -> list[str]:
         if is_hubspot_private_app(a) and _private_app_retirement(f) is None:
             gaps.append(f"{f.provider}: no retirement fact for the legacy private-app mode")
     return sorted(set(gaps))
-
-
-def expiring_cert(cert: IdpCert, now: datetime) -> bool:
-    return _days_until(cert.not_after, now) <= CERT_WARN_DAYS[0]

@@ -189,13 +189,6 @@ class Attribution:
     def enabled(self) -> bool:
         return bool(self.field) or self.impersonation
 
-    def describe(self) -> str:
-        if self.impersonation:
-            return "impersonation"
-        if self.field:
-            return f"attribution field {self.field}"
-        return "none"
-
 
 @dataclass(frozen=True)
 class StoredCredential:

@@ -217,14 +217,3 @@ def periodic_status(*, session: Session, principal: Principal, now: datetime | N
     rows = {r.name: r for r in session.exec(select(PeriodicJob))}
     return [job_status(rows.get(spec.name), name=spec.name, title=spec.title, what=spec.what,
                        interval_seconds=intervals[spec.name], now=now) for spec in JOBS]
-
-
-def recent_runs(*, session: Session, principal: Principal, job: str | None = None,
-                limit: int = 50) -> list[PeriodicRun]:
-    """The latest runs (all jobs, or one), newest first (staff only)."""
-    require_staff(principal)
-    q = select(PeriodicRun)
-    if job is not None:
-        q = q.where(PeriodicRun.job == job)
-    return list(session.exec(q.order_by(col(PeriodicRun.started_at).desc(), col(PeriodicRun.id).desc())
-                             .limit(limit)))

@@ -42,10 +42,6 @@ class Principal:
     def label(self) -> str:
         return self.email
 
-    def scope_key(self) -> str:
-        """What cached reads must carry in their key so two scopes never share a cached value."""
-        return f"{self.role}:{self.tenant_id or '*'}"
-
 
 def can_access_tenant(principal: Principal, tenant_id: int) -> bool:
     if principal.is_staff:

@@ -37,20 +37,14 @@ from sqlmodel import Session, col, select
 
 from core.clock import utcnow
 from core.errors import InvalidInput
-from core.settings import get_settings
+from core.keys import AUDIT_CHAIN, AUDIT_HEAD, derive_key
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent, AuditHead, AuditSeal, Tenant
 
-_key_cache: dict[bytes, bytes] = {}
-
 
 def audit_key(secret: bytes | None = None) -> bytes:
-    secret = secret if secret is not None else get_settings().server_secret()
-    key = _key_cache.get(secret)
-    if key is None:
-        key = hmac_mod.new(secret, b"crmbridge/audit-chain/v1", hashlib.sha256).digest()
-        _key_cache[secret] = key
-    return key
+    """The key of every row's HMAC (derived from the server secret: ``core.keys.AUDIT_CHAIN``)."""
+    return derive_key(AUDIT_CHAIN, secret)
 
 
 def chain_name(tenant_id: int | None) -> str:
@@ -78,16 +72,11 @@ def compute_hmac(ev: AuditEvent, prev: str, key: bytes) -> str:
 
 
 def head_key(secret: bytes | None = None) -> bytes:
-    """The key that seals chain heads, the global seal and checkpoints (derived from the server secret)."""
-    secret = secret if secret is not None else get_settings().server_secret()
-    key = _head_key_cache.get(secret)
-    if key is None:
-        key = hmac_mod.new(secret, b"crmbridge/audit-head/v1", hashlib.sha256).digest()
-        _head_key_cache[secret] = key
-    return key
+    """The key that seals chain heads, the global seal and checkpoints (derived from the server secret:
+    ``core.keys.AUDIT_HEAD``)."""
+    return derive_key(AUDIT_HEAD, secret)
 
 
-_head_key_cache: dict[bytes, bytes] = {}
 ZERO_DIGEST = "0" * 64
 
 

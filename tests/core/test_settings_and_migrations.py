@@ -118,3 +118,19 @@ def test_upgrade_seals_existing_webhook_urls_and_downgrade_restores_them(tmp_pat
     with eng.connect() as conn:
         assert conn.execute(text("SELECT target FROM alert_channel WHERE id = 7")).scalar_one() == hook
     eng.dispose()
+
+
+def test_revisions_import_no_app_code():
+    """A revision runs as it was written: it may name core.db's column type (what autogenerate renders)
+    but must not call app code, whose later changes would change what an old revision does."""
+    import ast
+
+    from tests.conftest import ROOT
+
+    for path in sorted((ROOT / "migrations" / "versions").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("core.", "sandbox")) or name == "core.db", f"{path.name} imports {name}"
+                assert name != "core", f"{path.name} imports core"

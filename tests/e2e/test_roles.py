@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.tenants.routes import DEMO_PASSWORD
+from core.accounts.routes import DEMO_PASSWORD
 from tests.e2e.conftest import Shooter, wait_streamlit
 
 pytestmark = pytest.mark.e2e

@@ -58,7 +58,7 @@ def test_an_unknown_tenant_in_the_address_is_named_not_replaced(app_db):
 
 
 def test_wizard_step_comes_from_the_address_and_go_live_stays_on_the_tenant(app_db):
-    from core.tenants import onboarding as ob
+    from core import onboarding as ob
 
     slugs = _demo(app_db)
     with Session(app_db) as s:

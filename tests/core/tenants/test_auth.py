@@ -159,13 +159,14 @@ def test_account_creation_rules(session, staff, tenant, account):
 def client(app_db):
     from sqlmodel import Session
 
-    from core.tenants.routes import routes
+    from core.accounts.routes import routes as account_routes
+    from core.tenants.routes import routes as tenant_routes
 
     with Session(app_db) as s:
         auth.create_console_account(s, principal=Principal.system(), email="cs@crmbridge.example", role="staff",
                                     password=PW)
         s.commit()
-    return TestClient(Starlette(routes=routes), base_url="http://127.0.0.1:8501")
+    return TestClient(Starlette(routes=tenant_routes + account_routes), base_url="http://127.0.0.1:8501")
 
 
 def _csrf(client: TestClient) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlmodel import Session
 
+from core import onboarding as ob
 from core.errors import AccessDenied, InvalidInput
-from core.tenants import onboarding as ob
 from core.tenants.service import create_tenant
 from tests.conftest import admin_of, make_app_user, make_crm_account
 

@@ -1,4 +1,7 @@
-"""Onboarding as a state machine stored in the database, so a half-done onboarding survives a restart
+"""Onboarding, the orchestrator at the top of core: it reads tenants, CRM accounts and SSO, so it sits
+above them all (nothing below imports it).
+
+Onboarding is a state machine stored in the database, so a half-done onboarding survives a restart
 and can be resumed by anyone allowed (staff, or the tenant's admin for the steps handed to them).
 
 Steps, in order: tenant → crm_accounts → credential_mode → connection_test → sso → users → go_live.
@@ -22,6 +25,7 @@ from core.clock import utcnow
 from core.db import utc_column
 from core.errors import InvalidInput
 from core.labels import credential_mode as credential_mode_label
+from core.sso.service import sso_summary
 from core.tenants.access import Principal, require_staff, require_tenant
 from core.tenants.audit import record_event
 from core.tenants.models import ONBOARDING_STEPS, AppUser, CrmAccount, Tenant, TenantStatus
@@ -115,7 +119,6 @@ def _check_users(session: Session, tenant: Tenant) -> tuple[bool, str]:
 
 
 def _check_sso_default(session: Session, tenant: Tenant) -> tuple[bool, str]:
-    from core.sso.service import sso_summary  # sso depends on tenants, not the reverse: import on use
     summary = sso_summary(session=session, principal=Principal.system("onboarding"), tenant_id=tenant.id)  # type: ignore[arg-type]
     if not summary["configured"]:
         return False, "no IdP metadata imported yet: import it on the SSO page"
