@@ -56,6 +56,7 @@ from core.connections import service
 from core.connections.models import OAuthStateUse
 from core.db import session_scope
 from core.errors import AccessDenied, ConfigurationError, CrmBridgeError, InvalidInput, LinkInvalid, NotFound
+from core.keys import OAUTH_STATE, derive_key
 from core.providers.base import AuthorizationCodeSupport, ConnectionReport, TokenGrant
 from core.providers.catalog import FieldSpec
 from core.providers.config import AccountConfig
@@ -89,7 +90,7 @@ CompletionHandler = Callable[[OAuthCompletion], "Response | str"]
 
 
 def _key() -> bytes:
-    return hmac.new(get_settings().server_secret(), b"crmbridge/oauth-state/v1", hashlib.sha256).digest()
+    return derive_key(OAUTH_STATE)
 
 
 def _b64(data: bytes) -> str:
