@@ -5,7 +5,7 @@ acs_ratio      = median time of the ACS route handling a valid signed response, 
                  check and consumption, python3-saml strict validation, clock-skew bound, replay cache,
                  tenant-admin lookup, session row + audit event, commit, cookie) / median time of
                  python3-saml's bare ``OneLogin_Saml2_Auth.process_response`` on the same response with
-                 prebuilt settings, in the same run. Target <= 1.5.
+                 prebuilt settings, in the same run. Target <= 1.3 (issue 18).
 lint_median_ms = median over every file in ../shared/samples/idp-metadata of that file's median lint time.
 aggregate_ms   = median lint time of the ~940 KB signed SWAMID aggregate (signature verified, one IdP
                  chosen by entity ID). Target < 1,000 ms.
@@ -60,9 +60,13 @@ from starlette.applications import Starlette  # noqa: E402
 
 import core.models  # noqa: E402,F401
 from core.db import get_engine, session_scope  # noqa: E402
-from core.sso import service  # noqa: E402
+from core.sso.common import idp_config  # noqa: E402
+from core.sso.keys import ensure_sp_keys  # noqa: E402
 from core.sso.lint import lint_metadata  # noqa: E402
+from core.sso.metadata import apply_import  # noqa: E402
+from core.sso.models import SsoConfig  # noqa: E402
 from core.sso.routes import binding_cookie_name, binding_value, routes  # noqa: E402
+from core.sso.signin import start_login  # noqa: E402
 from core.sso.sp import (  # noqa: E402
     build_settings_dict,
     cached_schema,
@@ -128,12 +132,13 @@ def setup(idp: SamlIdp) -> tuple[int, Any]:
         s.add(t)
         s.flush()
         s.add(ConsoleAccount(email="admin@bigcorp.example", role="tenant_admin", tenant_id=t.id, name="Bea"))
-        service.apply_import(session=s, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"))  # type: ignore[arg-type]
+        apply_import(session=s, principal=STAFF, tenant_id=t.id, data=idp.metadata_xml("bigcorp"))  # type: ignore[arg-type]
+        ensure_sp_keys(session=s, principal=STAFF, tenant_id=t.id)  # type: ignore[arg-type]
         tenant_id = t.id
     with session_scope() as s:
-        config = s.exec(select(service.SsoConfig).where(service.SsoConfig.tenant_id == tenant_id)).one()
+        config = s.exec(select(SsoConfig).where(SsoConfig.tenant_id == tenant_id)).one()
         # The same settings our ACS builds (strict), prebuilt once: python3-saml's best case.
-        d = build_settings_dict(sp=sp_endpoints("bigcorp"), idp=service.idp_config(config))
+        d = build_settings_dict(sp=sp_endpoints("bigcorp"), idp=idp_config(config))
         d["security"]["authnRequestsSigned"] = False
         settings = make_settings(d)
     return tenant_id, settings  # type: ignore[return-value]
@@ -142,7 +147,7 @@ def setup(idp: SamlIdp) -> tuple[int, Any]:
 def fresh_response(idp: SamlIdp) -> tuple[str, str]:
     """A new AuthnRequest from the console and the IdP's signed answer to it."""
     with session_scope() as s:
-        start = service.start_login(session=s, tenant_slug="bigcorp", relay_state="/")
+        start = start_login(session=s, tenant_slug="bigcorp", relay_state="/")
     ep = sp_endpoints("bigcorp")
     b64 = idp.issue_response("bigcorp", email="admin@bigcorp.example", acs_url=ep.acs_url, audience=ep.entity_id,
                              in_response_to=start.request_id)
@@ -247,7 +252,7 @@ def main() -> int:
           f"{_ms(m['acs_wall']):.2f} ms wall")
     print(f"python3-saml process_response (prebuilt settings, same responses), median: {_ms(m['bare_cpu']):.2f} ms "
           f"CPU, {_ms(m['bare_wall']):.2f} ms wall")
-    print(f"acs_ratio by CPU time {ratio:.2f}; by wall-clock time {m['acs_wall'] / m['bare_wall']:.2f} (target <= 1.5)")
+    print(f"acs_ratio by CPU time {ratio:.2f}; by wall-clock time {m['acs_wall'] / m['bare_wall']:.2f} (target <= 1.3)")
     print(f"like for like: python3-saml with the ACS's compiled-schema cache: median {_ms(m['cached_cpu']):.2f} ms "
           f"CPU; ACS / that = {m['acs_cpu'] / m['cached_cpu']:.2f} (the ACS validates against python3-saml's own "
           "XSD compiled once per thread; python3-saml as shipped re-compiles it for every response)")

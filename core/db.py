@@ -185,3 +185,27 @@ def describe_db_failure(exc: BaseException) -> str | None:
     if err.connection_invalidated:
         return "Nothing was saved: the connection to the database was lost. Fix: try again."
     return None
+
+
+_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy's SQLite DateTime stores a value (UTC, see UTCDateTime)
+
+
+class DriverStatements:
+    """Hand-written SQL on the DB-API connection under a SQLAlchemy ``Connection``, in its transaction: for
+    the few hot paths (the ACS's sign-in) where SQLAlchemy's per-statement work costs more than the
+    statement. SQL is written with ``?`` placeholders (SQLite's); PostgreSQL gets ``%s``. ``time()`` binds
+    an aware datetime the way ``UTCDateTime`` would. The caller's ``Session``/``Connection`` still owns
+    the transaction: it commits or rolls back everything, these statements included."""
+
+    def __init__(self, conn: Any) -> None:
+        self.dialect = conn.dialect.name
+        self.pg = self.dialect == "postgresql"
+        self.cursor = conn.connection.driver_connection.cursor()
+
+    def execute(self, sql: str, params: tuple[Any, ...]) -> Any:
+        self.cursor.execute(sql.replace("?", "%s") if self.pg else sql, params)
+        return self.cursor
+
+    def time(self, value: Any) -> Any:
+        utc = value.astimezone(UTC)
+        return utc if self.pg else utc.strftime(_SQLITE_TIME)

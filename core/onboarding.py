@@ -25,7 +25,7 @@ from core.clock import utcnow
 from core.db import utc_column
 from core.errors import InvalidInput
 from core.labels import credential_mode as credential_mode_label
-from core.sso.service import sso_summary
+from core.sso.metadata import sso_summary
 from core.tenants.access import Principal, require_staff, require_tenant
 from core.tenants.audit import record_event
 from core.tenants.models import ONBOARDING_STEPS, AppUser, CrmAccount, Tenant, TenantStatus

@@ -6,7 +6,7 @@ import streamlit as st
 
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.sso.service import get_status
+from core.sso.metadata import get_status
 from core.tenants.service import get_tenant
 from pages._common import ago, md, md_code, page_link, principal, same_tab_link, show_error
 
@@ -27,6 +27,9 @@ def render_sso_status(tenant_id: int) -> None:
         return
     st.markdown(f"IdP **{md(status.idp_entity_id)}** · SSO endpoint {md_code(status.sso_url)} "
                 f"({md(status.sso_binding)})")
+    if not status.sp.certs:
+        st.warning("No SP keys yet: generate them on the SSO page (Our service provider) before giving the IdP "
+                   "our SP metadata.")
     if status.tested:
         st.success(f"Test login passed {ago(status.tested_at)}.")
     elif status.last_test_ok is False:

@@ -171,6 +171,7 @@ with right:
     st.subheader("Upgrade pipeline: next step and who acts")
     st.caption("Every tenant below the top level, by its next step. Click a bar to list its tenants.")
     todo = [r for r in in_sel if r.step]
+    pipe_event: Any = None
     if todo:
         grouped: dict[tuple[str, str], int] = {}
         for r in todo:
@@ -178,8 +179,8 @@ with right:
             grouped[k] = grouped.get(k, 0) + 1
         fig = go.Figure()
         for who_label in sorted({k[1] for k in grouped}):
-            mine = [(k[0], n) for k, n in grouped.items() if k[1] == who_label]
-            fig.add_trace(go.Bar(y=[m[0] for m in mine], x=[m[1] for m in mine], name=who_label, orientation="h",
+            bars = [(k[0], n) for k, n in grouped.items() if k[1] == who_label]
+            fig.add_trace(go.Bar(y=[b[0] for b in bars], x=[b[1] for b in bars], name=who_label, orientation="h",
                                  marker={"color": WHO_COLOUR.get(who_label, "#94a3b8")}))
         fig.update_layout(height=320, barmode="stack", xaxis_title="Tenants", legend_title_text="Who acts",
                           margin=LAYOUT["margin"])
@@ -189,7 +190,6 @@ with right:
         _whole_tenants(fig, float(max(totals.values())), axis="x")
         pipe_event = st.plotly_chart(fig, key="pipeline", on_select="rerun", selection_mode="points")
     else:
-        pipe_event = None
         st.success("Every tenant is at the top level.")
 
 # Chart clicks narrow the tenant list (one tenant: it comes into focus).

@@ -12,7 +12,10 @@ import streamlit as st
 from core.clock import utcnow
 from core.db import session_scope
 from core.errors import CrmBridgeError
-from core.sso import service
+from core.sso.keys import complete_sp_rollover, ensure_sp_keys, sp_metadata, start_sp_rollover
+from core.sso.metadata import apply_import, fetch_document, get_status, preview_import, set_idp_initiated
+from core.sso.testlogin import check_pasted_response, list_traces
+from core.sso.watch import certificate_timeline, watch_certificates
 from core.tenants.service import get_tenant
 from pages._common import ago, md, md_code, principal, same_tab_link, selected_tenant_id, show_error
 
@@ -91,7 +94,7 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
             with st.status("Fetching the IdP metadata…", expanded=True) as progress:
                 st.write(f"Downloading {url} (public addresses only, 5 s, 5 MB, 3 redirects)…")
                 try:
-                    res = service.fetch_document(url)
+                    res = fetch_document(url)
                 except CrmBridgeError as exc:
                     progress.update(label="The metadata could not be fetched", state="error")
                     show_error(exc)
@@ -107,8 +110,8 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
     entity = st.text_input("IdP entity ID (only for an aggregate with several IdPs)", key="sso_entity_id") or None
     try:
         with session_scope() as s:
-            preview = service.preview_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
-                                             entity_id=entity)
+            preview = preview_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
+                                     entity_id=entity)
     except CrmBridgeError as exc:
         show_error(exc)
         return
@@ -120,10 +123,13 @@ def _import_section(p: Any, tenant_id: int, configured: bool, source_url: str | 
     if st.button(label, key="sso_apply", type="primary", disabled=not preview.report.usable):
         try:
             with session_scope() as s:
-                service.apply_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
-                                     entity_id=entity, source=pending["source"], source_url=pending["url"])
+                apply_import(session=s, principal=p, tenant_id=tenant_id, data=pending["data"],
+                             entity_id=entity, source=pending["source"], source_url=pending["url"])
+                # The IdP needs our SP metadata (and its certificate) next: generate the keys now.
+                keys = ensure_sp_keys(session=s, principal=p, tenant_id=tenant_id)
             st.session_state.pop(IMPORT_KEY, None)
-            st.session_state["sso_flash"] = "IdP configuration saved. Run a test login next."
+            st.session_state["sso_flash"] = ("IdP configuration saved" + ("; SP keys ready" if keys else "")
+                                             + ". Give the IdP our SP metadata, then run a test login.")
             st.rerun()
         except CrmBridgeError as exc:
             show_error(exc)
@@ -140,12 +146,23 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
     if sp.certs:
         st.dataframe([{"SP key": c["state"], "SHA-256": c["sha256"][:16] + "…", "Valid until": _date(c["not_after"])}
                       for c in sp.certs], hide_index=True, width="stretch")
+    if not sp.certs:
+        st.info("CRM Bridge has no SP keys for this tenant yet. Generate them before giving the IdP our SP "
+                "metadata: the IdP trusts their certificate for signed requests and encrypts assertions to it.")
+        if st.button("Generate SP keys", key="sso_sp_keys", type="primary"):
+            try:
+                with st.spinner("Generating the SP key and certificate…"), session_scope() as s:
+                    ensure_sp_keys(session=s, principal=p, tenant_id=tenant_id)
+                st.rerun()
+            except CrmBridgeError as exc:
+                show_error(exc)
+        return
     col1, col2, col3 = st.columns(3)
     with col1:
         if st.button("Prepare SP metadata", key="sso_sp_md"):
             try:
                 with session_scope() as s:
-                    st.session_state["sso_sp_xml"] = service.sp_metadata(session=s, tenant_slug=slug)
+                    st.session_state["sso_sp_xml"] = sp_metadata(session=s, tenant_slug=slug)
             except CrmBridgeError as exc:
                 show_error(exc)
         if st.session_state.get("sso_sp_xml"):
@@ -157,7 +174,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
                                               help="Publishes a new SP certificate beside the current one."):
             try:
                 with st.spinner("Generating the new SP key and certificate…"), session_scope() as s:
-                    service.start_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
+                    start_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
                 st.rerun()
             except CrmBridgeError as exc:
                 show_error(exc)
@@ -166,7 +183,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
                                           help="Signs with the new key and stops publishing the old one."):
             try:
                 with st.spinner("Switching signing to the new SP key…"), session_scope() as s:
-                    service.complete_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
+                    complete_sp_rollover(session=s, principal=p, tenant_id=tenant_id)
                 st.rerun()
             except CrmBridgeError as exc:
                 show_error(exc)
@@ -175,7 +192,7 @@ def _sp_section(p: Any, tenant_id: int, slug: str, status: Any) -> None:
 def _traces(p: Any, tenant_id: int) -> None:
     try:
         with session_scope() as s:
-            traces = service.list_traces(session=s, principal=p, tenant_id=tenant_id, limit=10)
+            traces = list_traces(session=s, principal=p, tenant_id=tenant_id, limit=10)
     except CrmBridgeError as exc:
         show_error(exc)
         return
@@ -216,8 +233,8 @@ def _timeline(p: Any, tenant_id: int) -> None:
     st.subheader("Certificate timeline")
     try:
         with session_scope() as s:
-            entries = service.certificate_timeline(session=s, principal=p, tenant_id=tenant_id)
-            findings = service.watch_certificates(session=s, principal=p, tenant_id=tenant_id, record=False)
+            entries = certificate_timeline(session=s, principal=p, tenant_id=tenant_id)
+            findings = watch_certificates(session=s, principal=p, tenant_id=tenant_id, record=False)
     except CrmBridgeError as exc:
         show_error(exc)
         return
@@ -256,7 +273,7 @@ if tenant_id is None:
 try:
     with session_scope() as s:
         tenant = get_tenant(session=s, principal=p, tenant_id=tenant_id)
-        status = service.get_status(session=s, principal=p, tenant_id=tenant_id)
+        status = get_status(session=s, principal=p, tenant_id=tenant_id)
 except CrmBridgeError as exc:
     show_error(exc)
     st.stop()
@@ -294,7 +311,7 @@ def _check_pasted(p: Any, tenant_id: int) -> None:
     st.session_state["sso_paste"] = ""
     try:
         with session_scope() as s:
-            trace = service.check_pasted_response(session=s, principal=p, tenant_id=tenant_id, saml_response=pasted)
+            trace = check_pasted_response(session=s, principal=p, tenant_id=tenant_id, saml_response=pasted)
         st.session_state["sso_paste_result"] = (trace.ok, "The response is valid for this configuration." if trace.ok
                                                 else (trace.error or "Invalid."))
     except CrmBridgeError as exc:
@@ -317,7 +334,7 @@ if p.is_staff and status.configured:
     if allowed != status.allow_idp_initiated:
         try:
             with session_scope() as s:
-                service.set_idp_initiated(session=s, principal=p, tenant_id=tenant_id, allowed=allowed)
+                set_idp_initiated(session=s, principal=p, tenant_id=tenant_id, allowed=allowed)
             st.rerun()
         except CrmBridgeError as exc:
             show_error(exc)

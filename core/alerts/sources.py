@@ -10,7 +10,7 @@ is skipped for this run and covers nothing (its alerts neither fire nor recover 
                           makes it active again: the recovery)
 - ``sync_observations``   core.sync.health ``user_health``: the sync state already applies the flap
                           damping (failing after 3 failed runs in a row) → sync_failing
-- ``sso_observations``    core.sso.service ``certificate_timeline`` (IdP certificates) → idp_cert_expiring
+- ``sso_observations``    core.sso.watch ``certificate_timeline`` (IdP certificates) → idp_cert_expiring
 - ``quota_observations``  core.posture.gather snapshots: each account's last API-usage read with its
                           forecast → crm_quota (accounts with no read keep their state)
 
@@ -102,7 +102,7 @@ def sync_observations(session: Session, *, now: datetime, tenant_ids: list[int],
 
 def sso_observations(session: Session, *, now: datetime, tenant_ids: list[int], params: Params) -> Collected:
     from core.sso.models import SsoConfig
-    from core.sso.service import certificate_timeline
+    from core.sso.watch import certificate_timeline
 
     out = Collected()
     with_sso = set(session.exec(select(SsoConfig.tenant_id)).all())

@@ -91,7 +91,7 @@ def _alerts_digest(engine: Engine, now: datetime) -> str:
 
 
 def _sso_watch(engine: Engine, now: datetime) -> str:
-    from core.sso.service import purge_expired, watch_certificates
+    from core.sso.watch import purge_expired, watch_certificates
 
     with session_scope(engine) as s:
         findings = watch_certificates(session=s, principal=SCHEDULER, now=now)

@@ -31,7 +31,7 @@ def _read(source: str) -> tuple[bytes | None, LintReport | None, int | None]:
     from core.sso.lint import LintReport
 
     if source.lower().startswith(("http://", "https://")):
-        from core.sso.service import fetch_document
+        from core.sso.metadata import fetch_document
 
         try:
             return fetch_document(source).body, None, None
@@ -88,7 +88,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from core.db import session_scope
-    from core.sso.service import purge_expired, watch_certificates
+    from core.sso.watch import purge_expired, watch_certificates
     from core.tenants.access import Principal
 
     with session_scope() as s:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from core.connections.link_routes import SsoGateRequest
 from core.db import session_scope
-from core.sso.service import CONNECT_PASS_COOKIE, connect_gate_target, connect_pass_ok
+from core.sso.connect import CONNECT_PASS_COOKIE, connect_gate_target, connect_pass_ok
 
 
 def connect_gate(req: SsoGateRequest) -> str | None:

@@ -15,7 +15,8 @@ from sqlmodel import Session
 
 from core.errors import CrmBridgeError
 from core.settings import get_settings
-from core.sso.service import apply_import, fetch_document
+from core.sso.keys import ensure_sp_keys
+from core.sso.metadata import apply_import, fetch_document
 from core.tenants.access import Principal
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def _test_login(session: Session, *, principal: Principal, tenant_id: int, slug:
     it returns is handed to the ACS logic (which stores the trace and marks the tenant tested)."""
     import httpx
 
-    from core.sso.service import consume_response, start_test_login
+    from core.sso.signin import consume_response
+    from core.sso.testlogin import start_test_login
 
     settings = get_settings()
     start = start_test_login(session=session, principal=principal, tenant_id=tenant_id)
@@ -63,7 +65,8 @@ def load_demo(
             data = fetch_document(url).body
             apply_import(session=session, principal=principal, tenant_id=tenants[slug], data=data, source="url",
                          source_url=url, now=now)
-            log.info("demo: imported the sandbox IdP metadata for %s", slug)
+            ensure_sp_keys(session=session, principal=principal, tenant_id=tenants[slug], now=now)
+            log.info("demo: imported the sandbox IdP metadata for %s and generated its SP keys", slug)
             admin = next((c["email"] for c in scenario.get("console_accounts", [])
                           if c.get("tenant") == slug and c.get("role") == "tenant_admin"), None)
             if admin:

@@ -26,8 +26,12 @@ from core.errors import CrmBridgeError, NotFound, SessionInvalid
 from core.http_guard import SAML_AUTOSUBMIT_SCRIPT
 from core.ratelimit import RateLimiter
 from core.settings import get_settings
-from core.sso import service
+from core.sso.common import PURPOSE_CONNECT, PURPOSE_TEST, AcsOutcome, tenant_by_slug
+from core.sso.connect import CONNECT_PASS_COOKIE, CONNECT_PASS_TTL, start_connect_login
+from core.sso.keys import sp_metadata
+from core.sso.signin import consume_response, start_login
 from core.sso.sp import MAX_RESPONSE_B64, REQUEST_TTL, AuthnStart
+from core.sso.testlogin import start_test_login
 from core.web import (
     SESSION_COOKIE,
     client_address,
@@ -43,7 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_ACS_BODY = MAX_RESPONSE_B64 * 2 + 16_384  # form-encoding can double base64's size
 # Anonymous ends, per client address and replica: each sign-in start writes a request row, each ACS
-# post costs a validation (and its refusals are audited, aggregated in core.sso.service._noisy_event).
+# post costs a validation (and its refusals are audited, aggregated in core.sso.signin._noisy_event).
 START_LIMIT = RateLimiter(limit=20, window=60)
 ACS_LIMIT = RateLimiter(limit=30, window=60)
 
@@ -119,12 +123,13 @@ async def metadata(request: Request) -> Response:
 
     def work() -> str:
         with session_scope() as s:
-            return service.sp_metadata(session=s, tenant_slug=slug)
+            return sp_metadata(session=s, tenant_slug=slug)
 
     try:
         xml = await run_in_threadpool(work)
-    except NotFound:
-        return Response("Unknown tenant.", status_code=404, media_type="text/plain")
+    except NotFound as exc:  # unknown tenant, or no SP keys yet (the message says who generates them)
+        text = f"{exc.message} {exc.fix}" if exc.fix else exc.message
+        return Response(text, status_code=404, media_type="text/plain")
     return Response(xml, media_type="application/samlmetadata+xml",
                     headers={"Content-Disposition": f'inline; filename="crmbridge-sp-{slug}.xml"'})
 
@@ -137,7 +142,7 @@ async def login(request: Request) -> Response:
 
     def work() -> AuthnStart:
         with session_scope() as s:
-            return service.start_login(session=s, tenant_slug=slug, relay_state=relay)
+            return start_login(session=s, tenant_slug=slug, relay_state=relay)
 
     try:
         start = await run_in_threadpool(work)
@@ -155,12 +160,11 @@ async def test(request: Request) -> Response:
 
     def work() -> AuthnStart:
         from core.tenants.auth import principal_from_token
-        from core.tenants.service import get_tenant_by_slug
 
         with session_scope() as s:
             principal = principal_from_token(s, token)
-            tenant = get_tenant_by_slug(session=s, principal=principal, slug=slug)
-            return service.start_test_login(session=s, principal=principal, tenant_id=tenant.id)  # type: ignore[arg-type]
+            tenant = tenant_by_slug(s, slug)  # start_test_login checks the principal may act for it
+            return start_test_login(session=s, principal=principal, tenant_id=tenant.id)  # type: ignore[arg-type]
 
     try:
         start = await run_in_threadpool(work)
@@ -179,7 +183,7 @@ async def connect_start(request: Request) -> Response:
 
     def work() -> AuthnStart:
         with session_scope() as s:
-            return service.start_connect_login(session=s, tenant_slug=slug, sealed=sealed)
+            return start_connect_login(session=s, tenant_slug=slug, sealed=sealed)
 
     try:
         start = await run_in_threadpool(work)
@@ -207,12 +211,12 @@ async def acs(request: Request) -> Response:
 
     relayed = form.get(RELAYED_FIELD) == "1"
 
-    def work() -> service.AcsOutcome:
+    def work() -> AcsOutcome:
         with session_scope() as s:
-            return service.consume_response(session=s, tenant_slug=slug, saml_response=saml_response,
-                                            relay_state=relay if isinstance(relay, str) else None,
-                                            started_here=_started_here(request),
-                                            source=client_address(request))
+            return consume_response(session=s, tenant_slug=slug, saml_response=saml_response,
+                                    relay_state=relay if isinstance(relay, str) else None,
+                                    started_here=_started_here(request),
+                                    source=client_address(request))
 
     try:
         outcome = await run_in_threadpool(work)
@@ -228,16 +232,16 @@ async def acs(request: Request) -> Response:
         return _auto_post(get_settings().public(f"/sso/{slug}/acs"), fields, "Signing in…", "Continue")
     if outcome.code == "other_browser":
         return _error_page("Single sign-on failed", outcome.message, outcome.fix, 403,
-                           console=outcome.purpose != service.PURPOSE_CONNECT)
-    if outcome.purpose == service.PURPOSE_TEST and outcome.redirect:
+                           console=outcome.purpose != PURPOSE_CONNECT)
+    if outcome.purpose == PURPOSE_TEST and outcome.redirect:
         return RedirectResponse(outcome.redirect, status_code=303)
-    if outcome.purpose == service.PURPOSE_CONNECT:
+    if outcome.purpose == PURPOSE_CONNECT:
         if not (outcome.ok and outcome.token and outcome.redirect):
             return _error_page("Single sign-on failed", outcome.message, outcome.fix, outcome.status_code or 403,
                                console=False)
         resp = RedirectResponse(outcome.redirect, status_code=303)
-        resp.set_cookie(service.CONNECT_PASS_COOKIE, outcome.token,
-                        max_age=int(service.CONNECT_PASS_TTL.total_seconds()), httponly=True, samesite="lax",
+        resp.set_cookie(CONNECT_PASS_COOKIE, outcome.token,
+                        max_age=int(CONNECT_PASS_TTL.total_seconds()), httponly=True, samesite="lax",
                         secure=get_settings().public_url.startswith("https://"), path="/connect/")
         return resp
     if outcome.ok and outcome.token and outcome.redirect:

@@ -1,10 +1,11 @@
 """The per-tenant SAML service provider: python3-saml settings built per tenant (``strict`` on),
 SP key material, AuthnRequests for both bindings, signed SP metadata, and response validation.
 
-Nothing here touches the database: ``core.sso.service`` loads a tenant's configuration and keys and
-calls these functions. python3-saml reads the time from ``OneLogin_Saml2_Utils.now()``; to validate
-under an injected clock (tests, the real-sample verdicts) this module wraps that function once so a
-context variable can override it (``saml_clock``) — without the override it is the real clock.
+Nothing here touches the database: core.sso's service modules (metadata, keys, authn, signin, …) load a
+tenant's configuration and keys and call these functions. python3-saml reads the time from
+``OneLogin_Saml2_Utils.now()``; to validate under an injected clock (tests, the real-sample verdicts) this
+module wraps that function once so a context variable can override it (``saml_clock``) — without the
+override it is the real clock.
 """
 
 from __future__ import annotations

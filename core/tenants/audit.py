@@ -29,13 +29,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, insert, update
-from sqlalchemy import select as sa_select
+from sqlalchemy import func, insert
 from sqlmodel import Session, col, select
 
 from core.clock import utcnow
+from core.db import DriverStatements
 from core.errors import InvalidInput
 from core.keys import AUDIT_CHAIN, AUDIT_HEAD, derive_key
 from core.tenants.access import Principal
@@ -214,10 +215,12 @@ def record_event(
     return ev
 
 
-_EVENT_T = AuditEvent.__table__  # type: ignore[attr-defined]
-_HEAD_T = AuditHead.__table__  # type: ignore[attr-defined]
-_LEAN_HEAD = sa_select(_HEAD_T.c.seq, _HEAD_T.c.last_hmac, _HEAD_T.c.mac).where(
-    _HEAD_T.c.chain == bindparam("chain"))
+_LEAN_HEAD_SQL = "SELECT seq, last_hmac, mac FROM audit_head WHERE chain = ?"
+_LEAN_INSERT_SQL = (
+    "INSERT INTO audit_event (chain, seq, occurred_at, tenant_id, actor, actor_role, action, target, details, via,"
+    " prev_hmac, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_LEAN_ADVANCE_SQL = "UPDATE audit_head SET seq = ?, last_hmac = ?, mac = ? WHERE chain = ?"
 
 
 def record_event_lean(
@@ -230,32 +233,32 @@ def record_event_lean(
     details: dict[str, Any] | None = None,
     via: str | None = None,
     at: datetime,
+    driver: DriverStatements | None = None,
 ) -> None:
-    """``record_event`` in three Core statements on the session's connection (head locked, row
-    inserted, head advanced with its MAC), without the ORM's unit of work: the same row, HMAC and
-    head MAC, for hot paths (the ACS's sign-in). A chain without a head yet goes through
-    ``record_event`` (it joins the global seal). Use it only in a transaction that has not loaded
-    this chain's head through the ORM (the ORM copy would be stale)."""
+    """``record_event`` in three hand-written statements on the session's DB-API connection, in its
+    transaction (head locked, row inserted, head advanced with its MAC), with no ORM object: the same row,
+    HMAC and head MAC, for hot paths (the ACS's sign-in; SQLAlchemy's own work per statement cost more
+    than the statement). A chain without a head yet goes through ``record_event`` (it joins the global
+    seal). Use it only in a transaction that has not loaded this chain's head through the ORM (the ORM
+    copy would be stale)."""
     chain = chain_name(tenant_id)
-    q = _LEAN_HEAD.with_for_update() if _is_pg(session) else _LEAN_HEAD
-    conn = session.connection()
-    head = conn.execute(q, {"chain": chain}).first()
+    db = driver or DriverStatements(session.connection())
+    head = db.execute(_LEAN_HEAD_SQL + (" FOR UPDATE" if db.pg else ""), (chain,)).fetchone()
     if head is None:
         record_event(session, principal=principal, action=action, tenant_id=tenant_id, target=target,
                      details=details, via=via, at=at)
         return
-    ev = AuditEvent(
+    ev = SimpleNamespace(
         chain=chain, seq=head[0] + 1, occurred_at=at, tenant_id=tenant_id,
         actor=(principal.email if isinstance(principal, Principal) else str(principal))[:254],
         actor_role=principal.role if isinstance(principal, Principal) else "app_user", action=action,
         target=target[:300], details=json.dumps(details or {}, sort_keys=True, default=str), via=via,
-        prev_hmac=head[1], hmac="",
     )
-    ev.hmac = compute_hmac(ev, head[1], audit_key())
-    conn.execute(insert(_EVENT_T).values({c: getattr(ev, c) for c in _EVENT_COLUMNS}))
-    conn.execute(update(_HEAD_T).where(_HEAD_T.c.chain == chain).values(
-        seq=ev.seq, last_hmac=ev.hmac, mac=head_mac(head_key(), chain, ev.seq, ev.hmac) if head[2] is not None
-        else None))
+    mac = compute_hmac(cast(AuditEvent, ev), head[1], audit_key())
+    db.execute(_LEAN_INSERT_SQL, (chain, ev.seq, db.time(at), tenant_id, ev.actor, ev.actor_role, action, ev.target,
+                                  ev.details, via, head[1], mac))
+    db.execute(_LEAN_ADVANCE_SQL, (ev.seq, mac, head_mac(head_key(), chain, ev.seq, mac) if head[2] is not None
+                                   else None, chain))
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ for the purposes that predate it are byte-for-byte the old ones: audit chains se
 seeds sealed, connect links and OAuth states signed before the change still verify after it.
 
 The vectors below were produced by the code before core.keys existed (HMAC/HKDF written out in
-core/tenants/audit.py, core/connections/links.py, core/connections/routes.py, core/accounts/secrets.py,
-core/web.py and core/sso/service.py), with the server secret bytes 01..20."""
+core/tenants/audit.py, core/vault/connect.py (now core/connections/links.py), core/providers/routes.py
+(now core/connections/routes.py), core/accounts/secrets.py, core/web.py and core/sso/service.py (now
+core/sso/connect.py)), with the server secret bytes 01..20."""
 
 from __future__ import annotations
 
@@ -91,9 +92,7 @@ def test_each_purpose_has_its_own_key() -> None:
 
 # Files that still call server_secret() themselves, until their owners switch them to core.keys (one
 # line each: OAUTH_STATE and SSO_CONNECT_PASS are defined and pinned above).
-PENDING = {
-    "core/sso/service.py": "sso17",
-}
+PENDING: dict[str, str] = {}
 
 
 def test_only_core_keys_reads_the_server_secret_for_crypto() -> None:

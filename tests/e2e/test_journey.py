@@ -367,7 +367,9 @@ def test_1_staff_onboards_a_salesforce_tenant_end_to_end(journey):
     expect(page.get_by_text(f"Usable: IdP urn:crmbridge:sandbox:idp:{SLUG}.")).to_be_visible()
     shot("sso-metadata-linted")
     press(page, "Import this configuration")
-    expect(page.get_by_text("IdP configuration saved. Run a test login next.")).to_be_visible()
+    # Importing, then the explicit SP key step the page takes next: the IdP needs our SP metadata.
+    expect(page.get_by_text("IdP configuration saved; SP keys ready. Give the IdP our SP metadata, then run a "
+                            "test login.")).to_be_visible()
     assert metric(page, "IdP configured") == "yes" and metric(page, "Tested") == "not yet"
     shot("sso-imported")
     test_login = page.get_by_role("link", name="Start a test login").get_attribute("href")
@@ -650,7 +652,9 @@ def test_5_staff_onboards_a_dynamics_tenant_on_a_new_sandbox_environment(journey
     press(page, "Fetch")
     expect(page.get_by_text(f"Usable: IdP urn:crmbridge:sandbox:idp:{DYN_SLUG}.")).to_be_visible()
     press(page, "Import this configuration")
-    expect(page.get_by_text("IdP configuration saved. Run a test login next.")).to_be_visible()
+    # Importing, then the explicit SP key step the page takes next: the IdP needs our SP metadata.
+    expect(page.get_by_text("IdP configuration saved; SP keys ready. Give the IdP our SP metadata, then run a "
+                            "test login.")).to_be_visible()
     page.goto(page.get_by_role("link", name="Start a test login").get_attribute("href"))
     expect(page.get_by_role("heading", name=f"Sandbox IdP — {DYN_SLUG}")).to_be_visible()
     assert page.url.startswith(f"{c.sandbox_browser_url}/idp/{DYN_SLUG}/sso?")

@@ -10,8 +10,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from core.db import session_scope
-from core.sso import service
-from core.sso.models import SsoConfig, SsoTrace
+from core.sso.authn import _settings_cache
+from core.sso.keys import _metadata_cache
+from core.sso.metadata import apply_import
+from core.sso.models import SsoConfig, SsoSpKey, SsoTrace
 from core.sso.sp import sp_endpoints
 from core.tenants.access import Principal
 from core.tenants.models import Tenant
@@ -29,8 +31,8 @@ def page_idp() -> SamlIdp:
 
 @pytest.fixture
 def tenants(app_db: Engine, vault_keys: Any) -> dict[str, int]:
-    service._settings_cache.clear()
-    service._metadata_cache.clear()
+    _settings_cache.clear()
+    _metadata_cache.clear()
     with session_scope(app_db) as s:
         out = {}
         for slug, name in (("bigcorp", "BigCorp"), ("newco", "NewCo")):
@@ -94,8 +96,8 @@ def test_unusable_upload_cannot_be_imported_and_shows_fixes(app_db: Engine, tena
 
 def test_reimport_shows_the_diff_before_replacing(app_db: Engine, tenants: dict[str, int], page_idp: SamlIdp) -> None:
     with session_scope(app_db) as s:
-        service.apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
-                             data=page_idp.metadata_xml("bigcorp"))
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
+                     data=page_idp.metadata_xml("bigcorp"))
     other = page_idp.metadata_xml("newco").replace(b"idp:newco", b"idp:bigcorp")
     admin = _admin(tenants)
     at = run_page("sso.py", admin, sso_import={"data": other, "source": "upload", "url": None, "name": "new.xml"})
@@ -119,10 +121,10 @@ def test_tenant_admin_sees_own_tenant_only_and_checks_a_pasted_response(
     app_db: Engine, tenants: dict[str, int], page_idp: SamlIdp
 ) -> None:
     with session_scope(app_db) as s:
-        service.apply_import(session=s, principal=STAFF, tenant_id=tenants["newco"],
-                             data=page_idp.metadata_xml("newco"))
-        service.apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
-                             data=page_idp.metadata_xml("bigcorp"))
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["newco"],
+                     data=page_idp.metadata_xml("newco"))
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
+                     data=page_idp.metadata_xml("bigcorp"))
     admin = _admin(tenants)
     at = run_page("sso.py", admin, tenant_id=tenants["newco"])  # a forged picker value is ignored
     text = page_text(at)
@@ -145,10 +147,27 @@ def test_tenant_admin_sees_own_tenant_only_and_checks_a_pasted_response(
 
 def test_only_staff_can_allow_idp_initiated(app_db: Engine, tenants: dict[str, int], page_idp: SamlIdp) -> None:
     with session_scope(app_db) as s:
-        service.apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
-                             data=page_idp.metadata_xml("bigcorp"))
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"],
+                     data=page_idp.metadata_xml("bigcorp"))
     at = run_page("sso.py", _admin(tenants))
     assert not [t for t in at.toggle if t.key == "sso_idp_init"]
     at = run_page("sso.py", STAFF, tenant_id=tenants["bigcorp"])
     at.toggle(key="sso_idp_init").set_value(True).run()
     assert not at.exception and _config(app_db, tenants["bigcorp"]).allow_idp_initiated  # type: ignore[union-attr]
+
+
+def test_an_admin_generates_sp_keys_as_an_explicit_step(app_db: Engine, tenants: dict[str, int],
+                                                        page_idp: SamlIdp) -> None:
+    """Metadata imported elsewhere (an API, a demo) leaves no SP key: the page says so and generates them on
+    the admin's click, after which the SP metadata can be handed to the IdP."""
+    with session_scope(app_db) as s:
+        apply_import(session=s, principal=STAFF, tenant_id=tenants["bigcorp"], data=page_idp.metadata_xml("bigcorp"))
+    at = run_page("sso.py", _admin(tenants))
+    assert not at.exception and "no SP keys for this tenant yet" in page_text(at)
+    assert "Prepare SP metadata" not in [b.label for b in at.button]
+    _button(at, "Generate SP keys").click().run()
+    assert not at.exception
+    with Session(app_db) as s:
+        assert [k.state for k in s.exec(select(SsoSpKey).where(SsoSpKey.tenant_id == tenants["bigcorp"]))] == ["active"]
+    _button(at, "Prepare SP metadata").click().run()
+    assert not at.exception and at.session_state["sso_sp_xml"].startswith("<?xml")

@@ -18,8 +18,10 @@ from starlette.testclient import TestClient
 
 from core.db import session_scope
 from core.settings import get_settings
-from core.sso import service
-from core.sso.service import _metadata_cache, _settings_cache
+from core.sso.authn import _settings_cache
+from core.sso.keys import _metadata_cache, ensure_sp_keys
+from core.sso.metadata import apply_import
+from core.sso.signin import _noise
 from core.tenants.access import Principal
 from core.tenants.models import ConsoleAccount, Tenant
 from sandbox.idp import SamlIdp
@@ -34,7 +36,7 @@ def _fresh_caches() -> Iterator[None]:
 
     _settings_cache.clear()
     _metadata_cache.clear()
-    for per_process in (ACS_LIMIT, START_LIMIT, service._noise):  # every test is a fresh source
+    for per_process in (ACS_LIMIT, START_LIMIT, _noise):  # every test is a fresh source
         per_process.clear()
     yield
     _settings_cache.clear()
@@ -86,8 +88,9 @@ class SsoWorld:
     def import_idp(self, slug: str, idp_tenant: str | None = None, **kw: Any) -> None:
         tenant_id = self.bigcorp.id if slug == "bigcorp" else self.acme.id
         with session_scope(self.engine) as s:
-            service.apply_import(session=s, principal=staff_principal(), tenant_id=tenant_id,  # type: ignore[arg-type]
-                                 data=self.idp.metadata_xml(idp_tenant or slug), **kw)
+            apply_import(session=s, principal=staff_principal(), tenant_id=tenant_id,  # type: ignore[arg-type]
+                         data=self.idp.metadata_xml(idp_tenant or slug), **kw)
+            ensure_sp_keys(session=s, principal=staff_principal(), tenant_id=tenant_id, now=kw.get("now"))  # type: ignore[arg-type]
 
     def token_for(self, email: str) -> str:
         from core.tenants.auth import start_session

@@ -14,10 +14,10 @@ from starlette.testclient import TestClient
 
 from core.connections import links as connect
 from core.connections.link_routes import connect_link_routes
+from core.sso.connect import CONNECT_PASS_COOKIE
 from core.sso.connect_gate import connect_gate
 from core.sso.models import SsoConfig, SsoRequest
 from core.sso.routes import routes as sso_routes
-from core.sso.service import CONNECT_PASS_COOKIE
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent
 from core.vault.models import VaultCredential

@@ -3,12 +3,15 @@ ACS. Test logins, tenant-admin sign-in, and every way a response must be refused
 
 from __future__ import annotations
 
+import json
 from urllib.parse import parse_qs, urlsplit
 
 from sqlmodel import func, select
 
+from core.clock import aware
 from core.sso.lint import lint_metadata
 from core.sso.models import SsoConfig, SsoRequest, SsoTrace
+from core.tenants.audit import verify_chain
 from core.tenants.auth import principal_from_token
 from core.tenants.models import AuditEvent, ConsoleSession
 from core.web import SESSION_COOKIE
@@ -84,6 +87,14 @@ def test_tenant_admin_signs_in_through_sso_with_relative_relay_state(sso_world: 
         row = s.exec(select(ConsoleSession)).one()
     assert (p.role, p.email, p.tenant_id) == ("tenant_admin", "admin@bigcorp.example", w.bigcorp.id)
     assert row.method == "sso"
+    # The ACS writes its session.start event on a lean path (prebuilt statements, no ORM object): it is
+    # the event record_event writes, in its place in the tenant's chain, which still verifies end to end.
+    with w.session() as s:
+        ev = s.exec(select(AuditEvent).where(AuditEvent.action == "session.start")).one()
+        assert (ev.actor, ev.actor_role, ev.tenant_id, json.loads(ev.details)) == (
+            "admin@bigcorp.example", "tenant_admin", w.bigcorp.id, {"method": "sso"})
+        assert ev.occurred_at is not None and abs((aware(ev.occurred_at) - aware(row.created_at)).total_seconds()) < 1
+        assert verify_chain(s) == []
 
 
 def test_absolute_relay_state_is_never_followed(sso_world: SsoWorld) -> None:
@@ -165,7 +176,7 @@ def test_response_for_another_tenant_is_refused(sso_world: SsoWorld) -> None:
 
 def test_idp_initiated_response_refused_without_opt_in_and_replay_refused_with_it(sso_world: SsoWorld) -> None:
     from core.db import session_scope
-    from core.sso.service import set_idp_initiated
+    from core.sso.metadata import set_idp_initiated
     from tests.core.sso.conftest import staff_principal
 
     w = sso_world
@@ -191,17 +202,18 @@ def test_replay_refused_across_replicas(sso_world: SsoWorld) -> None:
     from starlette.testclient import TestClient
 
     from core.db import session_scope
-    from core.sso import service
+    from core.sso.authn import _settings_cache
+    from core.sso.metadata import set_idp_initiated
     from core.sso.routes import routes
     from tests.core.sso.conftest import staff_principal
 
     w = sso_world
     w.import_idp("bigcorp")
     with session_scope(w.engine) as s:
-        service.set_idp_initiated(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id, allowed=True)  # type: ignore[arg-type]
+        set_idp_initiated(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id, allowed=True)  # type: ignore[arg-type]
     data = _response(w, irt=None)
     assert w.console.post("/sso/bigcorp/acs", data=data, follow_redirects=False).status_code == 303
-    service._settings_cache.clear()  # the other replica has its own process memory
+    _settings_cache.clear()  # the other replica has its own process memory
     with TestClient(Starlette(routes=routes), base_url=CONSOLE) as replica:
         r = replica.post("/sso/bigcorp/acs", data=data, follow_redirects=False)
     assert r.status_code == 403 and "already used" in r.text

@@ -10,8 +10,9 @@ import pytest
 
 from core.errors import MetadataInvalid
 from core.settings import get_settings
-from core.sso import service
+from core.sso.keys import ensure_sp_keys
 from core.sso.lint import lint_metadata
+from core.sso.metadata import apply_import, fetch_document
 from tests.core.sso.conftest import CONSOLE, SsoWorld, form_fields, staff_principal
 from tests.fixtures.sandbox import SandboxHandle
 
@@ -30,13 +31,13 @@ def test_metadata_url_is_fetched_from_the_sandbox_only_in_demo_mode(sandbox: San
     monkeypatch.delenv("CRMBRIDGE_DEMO", raising=False)
     get_settings.cache_clear()
     with pytest.raises(MetadataInvalid) as exc:
-        service.fetch_document(url)
+        fetch_document(url)
     assert exc.value.code == "url_address"  # loopback is private outside demo mode
     monkeypatch.setenv("CRMBRIDGE_DEMO", "1")
     monkeypatch.setenv("CRMBRIDGE_SANDBOX_CA_FILE", str(sandbox.ca_file))
     get_settings.cache_clear()
     try:
-        res = service.fetch_document(url)
+        res = fetch_document(url)
     finally:
         get_settings.cache_clear()
     report = lint_metadata(res.body)
@@ -47,12 +48,13 @@ def test_metadata_url_is_fetched_from_the_sandbox_only_in_demo_mode(sandbox: San
 
 def test_sign_in_through_the_running_sandbox_idp(sso_world: SsoWorld, sandbox: SandboxHandle, demo_mode: None) -> None:
     w = sso_world
-    metadata = service.fetch_document(sandbox.url("/idp/bigcorp/metadata")).body
+    metadata = fetch_document(sandbox.url("/idp/bigcorp/metadata")).body
     from core.db import session_scope
 
     with session_scope(w.engine) as s:
-        service.apply_import(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id, data=metadata,  # type: ignore[arg-type]
-                             source="url", source_url=sandbox.url("/idp/bigcorp/metadata"))
+        apply_import(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id, data=metadata,  # type: ignore[arg-type]
+                     source="url", source_url=sandbox.url("/idp/bigcorp/metadata"))
+        ensure_sp_keys(session=s, principal=staff_principal(), tenant_id=w.bigcorp.id)  # type: ignore[arg-type]
     # The IdP registers our SP from our metadata, as a real IdP's admin would.
     sp_md = w.console.get("/sso/bigcorp/metadata").content
     assert sandbox.http.put("/idp/bigcorp/sp-metadata", content=sp_md).status_code == 200
