@@ -15,7 +15,6 @@ from streamlit.runtime.pages_manager import PagesManager
 
 from core.http_guard import GuardMiddleware, inline_scripts
 from core.settings import get_settings
-from core.wiring import wire
 
 log = logging.getLogger("crmbridge.server")
 HERE = Path(__file__).resolve().parent
@@ -23,8 +22,7 @@ HERE = Path(__file__).resolve().parent
 # Each package that serves HTTP exposes `routes` in its routes module.
 ROUTE_MODULES = (
     "core.tenants.routes",
-    "core.vault.routes",
-    "core.providers.routes",
+    "core.connections.routes",
     "core.sso.routes",
     "core.accounts.routes",
     "core.alerts.routes",
@@ -32,7 +30,11 @@ ROUTE_MODULES = (
 
 
 def collect_routes() -> list[BaseRoute]:
-    routes: list[BaseRoute] = []
+    from core.connections.link_routes import connect_link_routes
+    from core.sso.connect_gate import connect_gate
+
+    # connect links: the SSO step is handed in (the CRM test is core.connections.testing's, by default)
+    routes: list[BaseRoute] = connect_link_routes(sso_gate=connect_gate)
     for name in ROUTE_MODULES:
         routes.extend(importlib.import_module(name).routes)
     return routes
@@ -88,7 +90,6 @@ def start_or_explain() -> None:
 # pages are only ever reached through dashboard.py's st.navigation: turn that mode off before any session.
 PagesManager.uses_pages_directory = False
 
-wire()
 app = st.App(str(HERE / "dashboard.py"), routes=collect_routes(), middleware=middleware())
 
 if __name__ == "__main__":

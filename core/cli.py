@@ -20,12 +20,13 @@ log = logging.getLogger("crmbridge.cli")
 
 PACKAGE_CLIS = (
     "core.vault.cli",
-    "core.providers.cli",
+    "core.connections.cli",
     "core.sso.cli",
     "core.sync.cli",
     "core.posture.cli",
     "core.alerts.cli",
     "core.scheduler.cli",
+    "core.sandbox_cli",
 )
 
 

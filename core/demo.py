@@ -25,8 +25,8 @@ from core.tenants.models import AppUser, AppUserCrmIdentity, ConsoleAccount, Crm
 
 log = logging.getLogger(__name__)
 DEMO_DIR = ROOT / "data" / "demo"
-PACKAGE_DEMOS = ("core.accounts.demo", "core.vault.demo", "core.providers.demo", "core.sso.demo", "core.sync.demo",
-                 "core.posture.demo", "core.alerts.demo")
+PACKAGE_DEMOS = ("core.accounts.demo", "core.connections.demo_credentials", "core.connections.demo",
+                 "core.sso.demo", "core.sync.demo", "core.posture.demo", "core.alerts.demo")
 
 
 def read_scenario(path: Path | None = None) -> dict[str, Any]:

@@ -4,9 +4,9 @@ from sqlmodel import SQLModel
 
 import core.accounts.models
 import core.alerts.models
+import core.connections.models
 import core.onboarding
 import core.posture.models
-import core.providers.models
 import core.scheduler.models
 import core.sso.models
 import core.sync.models

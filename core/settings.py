@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     session_absolute_hours: float = Field(default=12.0, description="Console session absolute lifetime")
     session_idle_minutes: float = Field(default=60.0, description="Console session idle timeout")
     sandbox_url: str = Field(default="https://127.0.0.1:8502", description="CRM sandbox base URL (demo)")
+    catalog_files: str = Field(
+        default="",
+        description="Extra provider catalog files (os.pathsep-separated), read after core/providers/catalog*.yaml: "
+                    "a deployment's (or a test's) own CRMs; each needs its class registered "
+                    "(core.providers.registry.register)",
+    )
     sandbox_ca_file: Path | None = Field(
         default=None,
         description="CA bundle trusting the sandbox TLS (demo mode default: data/sandbox-tls/ca.pem, written by "

@@ -27,6 +27,13 @@ from core.tenants.access import Principal
 _MD_PUNCTUATION = re.compile(r"([\\`*_~\[\]()!<>&#|$:.@+=-])")
 
 
+def crm_slugs() -> list[str]:
+    """Every CRM the catalog knows (a new CRM appears here with its catalog entry)."""
+    from core.providers.catalog import get_catalog
+
+    return get_catalog().slugs()
+
+
 def md(value: object) -> str:
     """``value`` as literal text inside Markdown: the punctuation Markdown builds on backslash-escaped
     (CommonMark allows escaping any ASCII punctuation), so no link, image, autolink (``https://``, ``www.``,

@@ -7,11 +7,12 @@ from datetime import timedelta
 import streamlit as st
 
 from core.clock import utcnow
+from core.connections import links as connect
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.models import AppUser, CrmAccount
 from core.tenants.service import list_app_users, list_crm_accounts, set_crm_identity
-from core.vault import connect, service
+from core.vault import service
 from core.vault.policy import LIMITS, set_policy, view_policy
 from pages._common import ago, md, principal, show_error
 

@@ -17,10 +17,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.clock import utcnow
+from core.connections import service
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.labels import humanize
-from core.providers import service
 from core.providers.catalog import FieldSpec, get_catalog
 from pages._common import ago, md, principal, show_error
 
@@ -305,9 +305,8 @@ def render_edit_crm_account(account_id: int) -> None:
 def render_credential_mode(account_id: int, current: str) -> None:
     """How CRM Bridge signs in to the CRM (API user / each user's OAuth / stored passwords). Moving away
     from stored passwords destroys them (the vault's mode-change rule), in the same transaction."""
+    from core.connections.service import set_credential_mode
     from core.posture.rules import crm_mode_key
-    from core.tenants.service import set_credential_mode
-    from core.vault.service import destroy_for_mode_change
 
     p = principal()
     modes = list(MODE_LABELS)
@@ -319,9 +318,8 @@ def render_credential_mode(account_id: int, current: str) -> None:
         if st.button("Change sign-in method", key=f"crm_mode_save_{account_id}"):
             try:
                 with session_scope() as s:
+                    # leaving per-user passwords shreds the stored ones (in core)
                     set_credential_mode(session=s, principal=p, account_id=account_id, mode=new)
-                    if new != "per_user_password":
-                        destroy_for_mode_change(s, principal=p, crm_account_id=account_id)
             except CrmBridgeError as exc:
                 show_error(exc)
             else:

@@ -7,11 +7,11 @@ import streamlit as st
 
 from core import labels
 from core import onboarding as ob
+from core.connections.service import set_credential_mode
 from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.models import CredentialMode
-from core.tenants.service import get_tenant, list_crm_accounts, list_tenants, set_credential_mode
-from core.vault.service import destroy_for_mode_change
+from core.tenants.service import get_tenant, list_crm_accounts, list_tenants
 from pages._common import md, page_link, principal, selected_tenant_id, show_error
 from pages._crm_accounts import render_add_crm_account, render_connection_test
 from pages._invites import render_invite_admin
@@ -134,9 +134,8 @@ elif chosen == "credential_mode":
         if new != a.credential_mode and st.button(f"Save mode for {md(a.label)}", key=f"save_mode_{a.id}"):
             try:
                 with session_scope() as s:
+                    # leaving per-user passwords shreds the stored ones (in core)
                     set_credential_mode(session=s, principal=p, account_id=a.id, mode=new)
-                    if new != CredentialMode.per_user_password.value:
-                        destroy_for_mode_change(s, principal=p, crm_account_id=a.id)
                 st.rerun()
             except CrmBridgeError as exc:
                 show_error(exc)

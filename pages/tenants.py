@@ -9,7 +9,7 @@ from core.db import session_scope
 from core.errors import CrmBridgeError
 from core.tenants.models import TenantStatus
 from core.tenants.service import create_tenant, list_tenants
-from pages._common import csv_download, md, page_link, principal, show_error
+from pages._common import crm_slugs, csv_download, md, page_link, principal, show_error
 
 p = principal()
 st.title("Tenants")
@@ -18,7 +18,7 @@ c1, c2, c3 = st.columns([2, 1, 1])
 search = c1.text_input("Search name or slug", key="tenants_search")
 status = c2.selectbox("Status", ["all", *[s.value for s in TenantStatus]], key="tenants_status",
                       format_func=lambda v: "All" if v == "all" else labels.tenant_status(v))
-provider = c3.selectbox("CRM", ["all", "salesforce", "dynamics-365", "hubspot"], key="tenants_provider",
+provider = c3.selectbox("CRM", ["all", *crm_slugs()], key="tenants_provider",
                         format_func=lambda v: "All" if v == "all" else labels.provider(v))
 page_size = 50
 page_no = st.session_state.get("tenants_page", 0)

@@ -10,9 +10,8 @@ so when a package's storage changes only that function changes:
 - ``_load_user_counts``   core.tenants AppUser (how many sign in by SSO; counts only)
 - ``_load_sync``          core.sync.health ``account_health`` (per-account sync ability)
 - ``_api_enabled`` / ``_licenses`` / ``_api_usage`` / ``_last_error_code``
-                          the account's last connection test (CrmAccount.last_test_*: a JSON
-                          ConnectionReport or plain text), until core.providers keeps quota and
-                          license reads of its own
+                          the account's last connection test as core.connections stores it
+                          (typed ``licenses`` and ``api_usage`` objects; no step text is parsed)
 - ``_attribution``        the account's settings (attribution field, Dynamics impersonation)
 
 Nothing here decides anything: the rules do.
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -97,8 +95,11 @@ def _edition(entry: Any, edition: str, *, with_upgrade: bool) -> EditionFacts:
             if entry.editions[slug].api_access.value == "included":
                 upgrade = _edition(entry, slug, with_upgrade=False)
                 break
+    attribution = next((f for f in entry.account_fields if f.name == "attribution_field"), None)
     return EditionFacts(
         provider=entry.slug, edition=edition, provider_name=entry.name, edition_name=ed.name, known=True,
+        attribution_field_title=attribution.title if attribution else "",
+        attribution_field_example=attribution.example or "" if attribution else "",
         facts={name: _fact_ref(name, f) for name, f in ed.facts().items()},
         auth_modes=tuple(
             AuthModeFacts(mode=m.mode, title=m.title, credential_mode=m.credential_mode, status=m.status,
@@ -236,25 +237,13 @@ def _settings(account: CrmAccount) -> dict[str, Any]:
 
 
 def _test_summary(account: CrmAccount) -> dict[str, Any]:
-    """The last connection test as stored by core.providers (JSON when it parses, else {})."""
+    """The last connection test as stored by core.connections (JSON when it parses, else {})."""
     text = account.last_test_summary or ""
     try:
         data = json.loads(text) if text.strip().startswith("{") else {}
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _step_detail(account: CrmAccount, step: str) -> str:
-    """One step's detail of the stored connection test (``ConnectionReport`` as JSON), or the whole
-    summary text when it is not JSON."""
-    data = _test_summary(account)
-    if not data:
-        return account.last_test_summary or ""
-    for s in data.get("steps") or []:
-        if isinstance(s, dict) and s.get("name") == step and s.get("ok", True):
-            return str(s.get("detail") or "")
-    return ""
 
 
 def _last_error_code(account: CrmAccount) -> str | None:
@@ -292,39 +281,23 @@ def _int(v: Any) -> int | None:
 
 
 def _licenses(account: CrmAccount) -> Licenses | None:
-    """TODO(issue 4): read core.providers' stored license snapshot once it keeps one; until then the
-    ``licenses`` object of a JSON connection-test summary ({total, used, integration_total, …})."""
+    """The ``licenses`` object core.connections keeps from the provider's typed ``ConnectionReport.licenses``
+    ({total, used, integration_total, …}); None when the last test read none."""
     lic = _test_summary(account).get("licenses")
     if not isinstance(lic, dict) or _int(lic.get("total")) is None or _int(lic.get("used")) is None:
-        # The Salesforce connection test's "licenses" step says
-        # "10 of 10 Salesforce licenses used; 0 of 5 Integration licenses used".
-        m = _LICENSE_TEXT.search(_step_detail(account, "licenses"))
-        if m is None:
-            return None
-        used, total, i_used, i_total = (int(g.replace(",", "")) for g in m.groups())
-        return Licenses(total=total, used=used, integration_total=i_total, integration_used=i_used,
-                        observed_at=aware(account.last_test_at))
+        return None
     return Licenses(total=int(lic["total"]), used=int(lic["used"]),
                     integration_total=_int(lic.get("integration_total")),
                     integration_used=_int(lic.get("integration_used")),
                     observed_at=_parse_time(lic.get("observed_at")) or aware(account.last_test_at))
 
 
-_LICENSE_TEXT = re.compile(r"([\d,]+) of ([\d,]+) Salesforce licenses used; ([\d,]+) of ([\d,]+) Integration")
-_USAGE_TEXT = re.compile(r"([\d,]+) of ([\d,]+) API requests used")
-
-
 def _api_usage(account: CrmAccount, now: datetime) -> ApiUsage | None:
-    """TODO(issue 4): read core.providers' quota samples (with their forecast) once it keeps them; until
-    then the ``api_usage`` object of a JSON connection-test summary ({used, limit, window, rate_per_hour})."""
-    data = _test_summary(account)
-    u = data.get("api_usage") or data.get("quota")
+    """The ``api_usage`` object core.connections keeps from the provider's typed ``ConnectionReport.api_usage``
+    ({used, limit, window, rate_per_hour, exhausts_at}); None when the last test read none."""
+    u = _test_summary(account).get("api_usage")
     if not isinstance(u, dict) or _int(u.get("used")) is None or _int(u.get("limit")) is None:
-        # The connection test's "quota" step says "18,000 of 110,000 API requests used in the rolling 24 h".
-        m = _USAGE_TEXT.search(_step_detail(account, "quota"))
-        if m is None:
-            return None
-        u = {"used": m.group(1).replace(",", ""), "limit": m.group(2).replace(",", "")}
+        return None
     observed = _parse_time(u.get("observed_at")) or aware(account.last_test_at) or now
     window = str(u.get("window") or "24h rolling")
     rate = u.get("rate_per_hour")
@@ -342,12 +315,23 @@ def _api_usage(account: CrmAccount, now: datetime) -> ApiUsage | None:
                     resets_at=resets, exhausts_at=exhausts)
 
 
+def _acts_as_user(provider: str) -> bool:
+    """The provider class can write as the real user (``Provider.acts_as_user``: Dynamics impersonation)."""
+    from core.errors import CrmBridgeError
+    from core.providers.registry import get_provider_class
+
+    try:
+        return get_provider_class(provider).acts_as_user
+    except CrmBridgeError:  # a provider this installation does not have
+        return False
+
+
 def _attribution(account: CrmAccount, settings: dict[str, Any]) -> Attribution:
-    """Salesforce: ``attribution_field`` (catalog account field); Dynamics: ``impersonation`` (catalog
-    account field, on by default); HubSpot: ``attribution_property`` (not in the catalog's account
-    fields yet, so HubSpot accounts read as unattributed until it is added)."""
+    """``attribution_field`` (catalog account field); a provider that acts as the user (Dynamics):
+    ``impersonation`` (catalog account field, on by default); ``attribution_property`` (HubSpot; not in
+    the catalog's account fields yet, so those accounts read as unattributed until it is added)."""
     field = str(settings.get("attribution_field") or settings.get("attribution_property") or "").strip() or None
-    if account.provider == "dynamics-365":
+    if _acts_as_user(account.provider):
         imp = settings.get("impersonation", True)
         return Attribution(field=field, impersonation=_truthy(imp))
     return Attribution(field=field, impersonation=False)

@@ -482,8 +482,9 @@ def rule_per_user_passwords(t: TenantSnapshot) -> list[Finding]:
         api_mode = "oauth_client_credentials" in methods or "jwt_bearer" in methods
         if api_mode and _has_free_api_users(free) and free is not None:
             ev.append(Evidence.of(f"Free API-only users in {f.label}", _free_api_users_text(free), free))
-            options.append("an API user on a free Salesforce Integration user license (OAuth client credentials)"
-                           if f.provider == "salesforce" else "an API user that needs no paid license")
+            counted = isinstance(free.value, int) and not isinstance(free.value, bool)  # licenses the catalog counts
+            options.append(f"an API user on a free {f.provider_name} Integration user license (OAuth client "
+                           "credentials)" if counted else "an API user that needs no paid license")
         elif api_mode:
             if free is not None:
                 ev.append(Evidence.of(f"Free API-only users in {f.label}", _free_api_users_text(free), free))
@@ -552,9 +553,8 @@ def rule_no_spare_license(t: TenantSnapshot) -> list[Finding]:
 
 def is_hubspot_private_app(a: AccountSnapshot) -> bool:
     """A legacy private-app token: catalog mode ``api_token`` with ``token_kind: private_app`` (or the
-    provider module's own ``private_app`` mode name), or an auth mode the catalog marks retiring."""
-    if a.provider != "hubspot":
-        return False
+    provider module's own ``private_app`` mode name), or an API-user auth mode the catalog marks retiring.
+    Decided by the catalog's data, whichever CRM the account is on."""
     mode = a.facts.auth_mode(a.auth_mode)
     return (a.auth_mode == "private_app" or (a.auth_mode == "api_token" and a.token_kind == "private_app")
             or (mode is not None and mode.status == "retiring" and mode.credential_mode == "api_user"))
@@ -570,8 +570,6 @@ def _private_app_retirement(facts: EditionFacts) -> RetirementFacts | None:
 def rule_hubspot_private_app(t: TenantSnapshot) -> list[Finding]:
     out = []
     for a in t.accounts:
-        if a.provider != "hubspot":
-            continue
         if not is_hubspot_private_app(a):
             continue
         retirement = _private_app_retirement(a.facts)
@@ -580,9 +578,11 @@ def rule_hubspot_private_app(t: TenantSnapshot) -> list[Finding]:
             ev.append(Evidence.of(retirement.what, f"{retirement.when}"
                                   + (f" ({retirement.date.isoformat()})" if retirement.date else ""), retirement))
         else:
-            ev.append(Evidence("Retirement", "the catalog has no retirement fact for HubSpot private apps"))
+            crm = a.facts.provider_name or a.provider
+            ev.append(Evidence("Retirement", f"the catalog has no retirement fact for {crm} private apps"))
         out.append(Finding(
-            "hubspot_private_app", Severity.medium, f"{a.label}: legacy HubSpot private-app token", tuple(ev),
+            "hubspot_private_app", Severity.medium,
+            f"{a.label}: legacy {a.facts.provider_name or a.provider} private-app token", tuple(ev),
             "Connect the portal through the OAuth app install (tokens refresh and expire on their own), or a "
             "service key. Legacy private apps can no longer be created, so a lost or rotated token cannot be "
             "replaced by a new private app.",
@@ -608,9 +608,10 @@ def rule_api_user_without_attribution(t: TenantSnapshot) -> list[Finding]:
         if can.get("impersonation"):
             action = ("Turn on impersonation for the account (CallerObjectId) and give the application user the "
                       "Delegate role, so createdby/modifiedby name the real user.")
-        elif can.get("attribution_field") and a.provider == "hubspot":
-            action = ("Create a custom single-line text deal property (for example crb_actor) and set it as the "
-                      "account's attribution property, so every write names its real actor.")
+        elif can.get("attribution_field") and f.attribution_field_title:
+            example = f" (for example {f.attribution_field_example})" if f.attribution_field_example else ""
+            action = (f"Create the custom single-line text field the account's \"{f.attribution_field_title}\" "
+                      f"names{example} and set it there, so every write names its real actor.")
         elif can.get("attribution_field"):
             action = ("Create a custom text field on Opportunity (for example CrmBridge_Actor__c) and set it as the "
                       "account's attribution field, so every write names its real actor.")

@@ -86,6 +86,10 @@ class EditionFacts:
     edition: str
     provider_name: str = ""
     edition_name: str = ""
+    #: The catalog's attribution account field (its title names the CRM object, e.g. "Attribution field on
+    #: Opportunity"), for advice; empty when the provider has none.
+    attribution_field_title: str = ""
+    attribution_field_example: str = ""
     known: bool = True
     facts: Mapping[str, FactRef] = field(default_factory=dict)
     auth_modes: tuple[AuthModeFacts, ...] = ()

@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from core.clock import Clock, utcnow
-from core.errors import AuthenticationFailed, RecordError
+from core.errors import AuthenticationFailed, ProviderError, RecordError
 
 if TYPE_CHECKING:
     from core.providers.config import (
@@ -45,6 +45,7 @@ class StepResult:
     fix: str | None = None
     latency_ms: float | None = None
     code: str | None = None  # the vendor's error code when the step failed (INVALID_LOGIN, 429, …)
+    error: type[ProviderError] | None = None  # the core.errors class the vendor's refusal mapped to
 
 
 @dataclass
@@ -56,6 +57,10 @@ class ConnectionReport:
     org_id: str | None = None
     detected_edition: str | None = None
     latency_ms: float | None = None
+    # what the licenses and quota steps read, as typed data (posture and the quota gauge use these,
+    # never the steps' English text)
+    licenses: LicenseSnapshot | None = None
+    api_usage: ApiUsage | None = None
 
     @property
     def failed_step(self) -> StepResult | None:
@@ -169,6 +174,15 @@ class Provider(ABC):
     #: The largest write batch and read page the vendor allows (used by sync and benchmarks).
     max_write_batch: ClassVar[int]
     max_page_size: ClassVar[int]
+    #: Writes can act as the real user (the CRM records them as that user: Dynamics impersonation), so sync
+    #: and posture count the actor as attributed without a field.
+    acts_as_user: ClassVar[bool] = False
+
+    @classmethod
+    def new_session_cache(cls) -> Any:
+        """A cache of CRM sessions a worker process shares across runs, passed back to the constructor as
+        ``session_cache`` (None: the class keeps no sessions across runs)."""
+        return None
 
     @abstractmethod
     def test_connection(self) -> ConnectionReport: ...
@@ -221,7 +235,7 @@ class TokenGrant:
 
 @runtime_checkable
 class AuthorizationCodeSupport(Protocol):
-    """Per-user OAuth (web-server flow + PKCE) for a provider class; used by core.providers.routes."""
+    """Per-user OAuth (web-server flow + PKCE) for a provider class; used by core.connections.routes."""
 
     @classmethod
     def authorization_url(

@@ -436,7 +436,17 @@ def load_catalog(paths: list[Path] | None = None) -> Catalog:
         raise ConfigurationError(f"The provider catalog is invalid: {exc}") from exc
 
 
+def catalog_paths() -> list[Path]:
+    """catalog.yaml, catalog.*.yaml beside this module, then the files ``CRMBRIDGE_CATALOG_FILES`` names."""
+    import os
+
+    from core.settings import get_settings
+
+    extra = [Path(p) for p in get_settings().catalog_files.split(os.pathsep) if p.strip()]
+    return [CATALOG_FILE, *sorted(CATALOG_DIR.glob("catalog.*.yaml")), *extra]
+
+
 @lru_cache(maxsize=1)
 def get_catalog() -> Catalog:
-    """The validated catalog, parsed once per process."""
-    return load_catalog()
+    """The validated catalog, parsed once per process (``get_catalog.cache_clear()`` after a settings change)."""
+    return load_catalog(catalog_paths())

@@ -372,6 +372,7 @@ class Dynamics365Provider(ProviderBase):
     """One Dynamics 365 environment, reached as its application user."""
 
     slug: ClassVar[str] = "dynamics-365"
+    acts_as_user: ClassVar[bool] = True  # impersonation (CallerObjectId / MSCRMCallerID)
     max_write_batch: ClassVar[int] = 1000
     max_page_size: ClassVar[int] = 5000
 
@@ -560,7 +561,8 @@ class Dynamics365Provider(ProviderBase):
             try:
                 detail = fn()
             except ProviderError as exc:
-                steps.append(StepResult(name, False, exc.message, fix=str(exc), latency_ms=_ms(t0)))
+                steps.append(StepResult(name, False, exc.message, fix=str(exc), latency_ms=_ms(t0),
+                                        code=exc.code, error=type(exc)))
                 return False
             steps.append(StepResult(name, True, detail, latency_ms=_ms(t0)))
             return True
@@ -588,6 +590,7 @@ class Dynamics365Provider(ProviderBase):
 
         def licenses() -> str:
             snap = self.license_snapshot()
+            report.licenses = snap
             report.detected_edition = next(
                 (d.get("edition") for d in snap.detail if d.get("edition")), report.detected_edition
             )
@@ -598,6 +601,7 @@ class Dynamics365Provider(ProviderBase):
 
         def quota() -> str:
             usage = self.api_usage()
+            report.api_usage = usage
             if usage is None:
                 return "no service-protection signal yet"
             return f"{usage.remaining} of {usage.limit} requests left in the 5-minute window"

@@ -612,7 +612,8 @@ class HubSpotProvider(ProviderBase):
             try:
                 detail = fn()
             except ProviderError as exc:
-                steps.append(StepResult(name, False, exc.message, fix=str(exc), latency_ms=_ms(t0)))
+                steps.append(StepResult(name, False, exc.message, fix=str(exc), latency_ms=_ms(t0),
+                                        code=exc.code, error=type(exc)))
                 return False
             steps.append(StepResult(name, True, detail, latency_ms=_ms(t0)))
             return True
@@ -643,10 +644,12 @@ class HubSpotProvider(ProviderBase):
 
         def licenses() -> str:
             snap = self.license_snapshot()
+            report.licenses = snap
             return f"{snap.used} users in the portal"
 
         def quota() -> str:
             usage = self.api_usage()
+            report.api_usage = usage
             if usage is None:
                 return "no rate-limit headers seen"
             if usage.window == "day":

@@ -7,7 +7,7 @@ Authentication (``account.auth_mode``, or inferred from the credential mode):
   credential ``{client_id, client_secret}``.
 - ``jwt_bearer`` — API user: ``{client_id, username, private_key}`` (RS256 assertion, 3-minute expiry).
 - ``oauth_authorization_code`` — each user's own OAuth grant (web-server flow + PKCE, see
-  ``authorization_url``/``exchange_code`` and core.providers.routes): ``{client_id, client_secret?,
+  ``authorization_url``/``exchange_code`` and core.connections.routes): ``{client_id, client_secret?,
   refresh_token, access_token?}``; the access token is the SOAP session id; a rotated refresh token
   is handed to ``on_credential_update``.
 - ``password`` — legacy per-user SOAP ``login()`` with ``{username, password, security_token}``;
@@ -463,6 +463,10 @@ class SalesforceProvider(ProviderBase):
     max_page_size: ClassVar[int] = 2000
     api_version: ClassVar[str] = API_VERSION
 
+    @classmethod
+    def new_session_cache(cls) -> SessionCache:
+        return SessionCache()
+
     def __init__(
         self,
         *,
@@ -742,7 +746,7 @@ class SalesforceProvider(ProviderBase):
                 detail = fn()
             except ProviderError as exc:
                 steps.append(StepResult(name, False, exc.message, exc.fix,
-                                        (time.perf_counter() - t0) * 1000, code=exc.code))
+                                        (time.perf_counter() - t0) * 1000, code=exc.code, error=type(exc)))
                 return False
             steps.append(StepResult(name, True, detail, None, (time.perf_counter() - t0) * 1000))
             return True
@@ -772,6 +776,7 @@ class SalesforceProvider(ProviderBase):
 
         def licenses() -> str:
             snap = self.license_snapshot()
+            report.licenses = snap
             report.detected_edition = self.detect_edition()
             text = (f"{snap.used} of {snap.total} Salesforce licenses used; "
                     f"{snap.integration_used} of {snap.integration_total} Integration licenses used")
@@ -782,6 +787,7 @@ class SalesforceProvider(ProviderBase):
 
         def quota() -> str:
             usage = self.api_usage()
+            report.api_usage = usage
             if usage is None:
                 return "Salesforce reported no API usage"
             pct = usage.fraction * 100

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from core.sync.engine import VIA_API_USER, VIA_OWN
+from core.sync.engine import VIA_API_USER, VIA_OWN, acts_as_user
 from core.sync.health import fix_for
 from core.sync.models import (
     JobState,
@@ -209,7 +209,7 @@ def load_demo(session: Session, *, scenario: dict[str, Any], principal: Principa
                 actor = actors[n % len(actors)]
                 _pushed(session, account, opp, actor, {"stage": opp.stage or "Qualification"},
                         now - timedelta(hours=2 + 5 * n), via=via,
-                        impersonated=ident.get(actor.id or -1) if account.provider.startswith("dynamics") else None)
+                        impersonated=ident.get(actor.id or -1) if acts_as_user(account.provider) else None)
         if slug == "tinyco" and actors:
             session.add(SyncOutbox(
                 tenant_id=account.tenant_id, crm_account_id=account.id, opportunity_id=opps[4].id,  # type: ignore[arg-type]

@@ -166,31 +166,6 @@ class CredentialSource(Protocol):
 ProviderFactory = Callable[[JobContext, Credential], Provider]
 
 
-def credential_fields(secret: str, account: AccountConfig | None = None) -> dict[str, Any]:
-    """A stored secret as the provider's credential mapping (values as SecretStr).
-
-    The vault holds either a JSON object of fields (a login: ``{"username", "password",
-    "security_token"}``; an app: ``{"client_id", "client_secret"}``) or one bare secret, which is the
-    field the account's mode needs: a password, a refresh token, a private key or a client secret.
-    """
-    text = secret.strip()
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = None
-        if isinstance(data, dict):
-            return {k: (SecretStr(v) if isinstance(v, str) else v) for k, v in data.items()}
-    field_name = "password"
-    if account is not None:
-        if account.credential_mode == "per_user_oauth":
-            field_name = "refresh_token"
-        elif account.credential_mode == "api_user":
-            field_name = {"jwt_bearer": "private_key", "api_token": "api_token"}.get(account.auth_mode,
-                                                                                    "client_secret")
-    return {field_name: SecretStr(secret)}
-
-
 class VaultCredentials:
     """The vault as the run's credential source: ``find_credential`` + ``use()`` for the whole run."""
 
@@ -221,6 +196,8 @@ class VaultCredentials:
                        if ctx.app_user_id is not None else "store the API user's secret on the tenant page.")
                 )
             with ExitStack() as stack:
+                from core.connections.service import credential_fields
+
                 fields = CredentialFields()
                 if app_ref is not None:
                     app_secret = stack.enter_context(vault.use(s, app_ref, principal=self.principal,
@@ -258,7 +235,7 @@ class CredentialFields(dict[str, Any]):
     on_update: Callable[[dict[str, str]], None] | None = None
 
 
-_session_cache: Any = None
+_session_caches: dict[str, Any] = {}  # per provider slug, for this worker process
 _local = threading.local()
 
 
@@ -276,21 +253,26 @@ def default_provider_factory(ctx: JobContext, credential: Credential) -> Provide
     CRM session across runs (Salesforce's ``SessionCache``) share one per worker process, in memory."""
     import inspect
 
+    from core.connections.service import default_transport
     from core.providers.registry import get_provider_class
-    from core.providers.service import default_transport
 
-    global _session_cache
     cls = get_provider_class(ctx.account.provider)
     kwargs: dict[str, Any] = {}
     if "session_cache" in inspect.signature(cls.__init__).parameters:
-        if _session_cache is None:
-            from core.providers.salesforce import SessionCache
-
-            _session_cache = SessionCache()
-        kwargs["session_cache"] = _session_cache
+        cache = _session_caches.get(cls.slug)
+        if cache is None:
+            cache = _session_caches[cls.slug] = cls.new_session_cache()
+        kwargs["session_cache"] = cache
     return cls(account=ctx.account, credential=credential,  # type: ignore[call-arg]
                transport=thread_transport(default_transport),
                on_credential_update=getattr(credential, "on_update", None), **kwargs)
+
+
+def acts_as_user(provider: str) -> bool:
+    """The provider class writes as the real user (impersonation): see ``Provider.acts_as_user``."""
+    from core.providers.registry import get_provider_class
+
+    return get_provider_class(provider).acts_as_user
 
 
 def worker_name() -> str:
@@ -821,7 +803,7 @@ class SyncEngine:
                 details["write_path"] = write_paths[row.id]
             if not ctx.per_user:
                 act_as = ctx.crm_user_ids.get(row.actor_app_user_id)
-                if act_as and ctx.account.provider.startswith("dynamics"):
+                if act_as and acts_as_user(ctx.account.provider):
                     details["impersonated_crm_user"] = act_as
                 if ctx.attribution_enabled:
                     details["attribution_field"] = ctx.account.setting("attribution_field")

@@ -297,8 +297,8 @@ def ask_to_reconnect(
     Raises:
         InvalidInput: the job runs as an API user (there is nobody to reconnect: store its secret again).
     """
+    from core.connections.links import LINK_TTL, create_connect_link
     from core.tenants.models import AppUser
-    from core.vault.connect import LINK_TTL, create_connect_link
 
     now = now or utcnow()
     job = _job(session, principal, job_id)

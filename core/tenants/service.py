@@ -29,7 +29,6 @@ from core.tenants.models import (
     AppUserCreate,
     AppUserCrmIdentity,
     AuditEvent,
-    CredentialMode,
     CrmAccount,
     Tenant,
     TenantCreate,
@@ -232,26 +231,6 @@ def list_crm_accounts(*, session: Session, principal: Principal, tenant_id: int)
     return list(session.exec(
         select(CrmAccount).where(CrmAccount.tenant_id == tenant_id).order_by(col(CrmAccount.label))
     ).all())
-
-
-def set_credential_mode(
-    *, session: Session, principal: Principal, account_id: int, mode: str
-) -> CrmAccount:
-    """Change how our service acts in the CRM. Moving away from stored passwords destroys them
-    (the vault's mode-change rule) — the caller runs that in the same transaction."""
-    account = get_crm_account(session=session, principal=principal, account_id=account_id)
-    try:
-        new = CredentialMode(mode).value
-    except ValueError:
-        raise InvalidInput(
-            f"Unknown credential mode {mode!r}: use api_user, per_user_oauth or per_user_password."
-        ) from None
-    old = account.credential_mode
-    account.credential_mode = new
-    session.add(account)
-    record_event(session, principal=principal, action="crm_account.credential_mode", tenant_id=account.tenant_id,
-                 target=f"crm_account:{account.id}", details={"from": old, "to": new})
-    return account
 
 
 # --- app users -----------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ for the purposes that predate it are byte-for-byte the old ones: audit chains se
 seeds sealed, connect links and OAuth states signed before the change still verify after it.
 
 The vectors below were produced by the code before core.keys existed (HMAC/HKDF written out in
-core/tenants/audit.py, core/vault/connect.py, core/providers/routes.py, core/accounts/secrets.py,
-core/web.py and core/sso/service.py, now core/sso/connect.py), with the server secret bytes 01..20."""
+core/tenants/audit.py, core/vault/connect.py (now core/connections/links.py), core/providers/routes.py
+(now core/connections/routes.py), core/accounts/secrets.py, core/web.py and core/sso/service.py (now
+core/sso/connect.py)), with the server secret bytes 01..20."""
 
 from __future__ import annotations
 
@@ -51,12 +52,14 @@ def test_existing_purposes_derive_the_old_bytes(purpose: keys.KeyPurpose) -> Non
 
 def test_callers_use_the_helper_and_get_the_old_keys(server_secret: bytes) -> None:
     from core.accounts import secrets
+    from core.connections import links as connect
+    from core.connections import routes as oauth
     from core.tenants import audit
-    from core.vault import connect
 
     assert audit.audit_key().hex() == OLD_KEYS[keys.AUDIT_CHAIN]
     assert audit.head_key().hex() == OLD_KEYS[keys.AUDIT_HEAD]
     assert connect._key().hex() == OLD_KEYS[keys.CONNECT_LINK]
+    assert oauth._key().hex() == OLD_KEYS[keys.OAUTH_STATE]  # states signed before the move still verify
     assert secrets._platform_key().hex() == OLD_KEYS[keys.PLATFORM_SEAL]
 
 
@@ -89,9 +92,7 @@ def test_each_purpose_has_its_own_key() -> None:
 
 # Files that still call server_secret() themselves, until their owners switch them to core.keys (one
 # line each: OAUTH_STATE and SSO_CONNECT_PASS are defined and pinned above).
-PENDING = {
-    "core/providers/routes.py": "conn17",
-}
+PENDING: dict[str, str] = {}
 
 
 def test_only_core_keys_reads_the_server_secret_for_crypto() -> None:

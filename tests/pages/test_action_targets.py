@@ -15,10 +15,10 @@ from sqlmodel import Session, select
 from streamlit.testing.v1 import AppTest
 
 from core.clock import utcnow
+from core.connections.service import record_api_usage
 from core.posture.rules import RULES, ActionTarget, Finding
 from core.posture.service import get_posture
 from core.providers.base import ApiUsage
-from core.providers.service import record_api_usage
 from core.tenants.access import Principal
 from core.tenants.models import CrmAccount, Tenant
 from tests.conftest import ROOT

@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 from streamlit.testing.v1 import AppTest
 
 from core.clock import utcnow
-from core.providers import service
+from core.connections import service
 from core.providers.base import ApiUsage
 from core.providers.catalog import get_catalog
 from core.settings import get_settings

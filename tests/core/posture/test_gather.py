@@ -101,22 +101,29 @@ def test_gather_tenants_skips_offboarded_and_keeps_tenants_apart(session):
     assert snaps["beta"].accounts[0].credentials == ()
 
 
-def test_gather_reads_licenses_and_quota_from_a_stored_connection_report(session):
-    """core.providers' connection test, stored as a JSON ConnectionReport, carries the numbers in its steps."""
+def test_gather_reads_licenses_and_quota_as_typed_data_never_from_step_text(session):
+    """core.connections stores the provider's typed ``licenses`` and ``api_usage``; posture reads those.
+    A step's English text (a vendor's wording, any language) is never parsed for numbers."""
     t = make_tenant(session, "rep")
     acc = make_crm_account(session, t, credential_mode="per_user_password")
     acc.last_test_ok, acc.last_test_at = True, NOW - timedelta(minutes=5)
-    acc.last_test_summary = json.dumps({"ok": True, "steps": [
-        {"name": "reach", "ok": True, "detail": "answered"},
-        {"name": "licenses", "ok": True,
-         "detail": "10 of 10 Salesforce licenses used; 0 of 5 Integration licenses used"},
-        {"name": "quota", "ok": True, "detail": "95,000 of 110,000 API requests used in the rolling 24 h (86%)"},
-    ]})
+    steps = [{"name": "reach", "ok": True, "detail": "answered"},
+             {"name": "licenses", "ok": True,
+              "detail": "10 of 10 Salesforce licenses used; 0 of 5 Integration licenses used"},
+             {"name": "quota", "ok": True, "detail": "95,000 of 110,000 API requests used in the rolling 24 h (86%)"}]
+    acc.last_test_summary = json.dumps({"ok": True, "steps": steps})
     session.commit()
-    snap = gather_tenant(session, t.id, now=NOW)
-    assert snap is not None
-    (a,) = snap.accounts
-    assert a.licenses is not None and (a.licenses.total, a.licenses.used) == (10, 10)
+    (a,) = gather_tenant(session, t.id, now=NOW).accounts  # type: ignore[union-attr]
+    assert a.licenses is None and a.api_usage is None  # text only: nothing read
+
+    acc.last_test_summary = json.dumps({"ok": True, "steps": steps,
+                                        "licenses": {"total": 12, "used": 10, "integration_total": 5,
+                                                     "integration_used": 0},
+                                        "api_usage": {"used": 95_000, "limit": 110_000, "window": "24h rolling"}})
+    session.add(acc)
+    session.commit()
+    (a,) = gather_tenant(session, t.id, now=NOW).accounts  # type: ignore[union-attr]
+    assert a.licenses is not None and (a.licenses.total, a.licenses.used) == (12, 10)
     assert a.licenses.integration_spare == 5
     assert a.api_usage is not None and (a.api_usage.used, a.api_usage.limit) == (95_000, 110_000)
     assert a.api_usage.resets_at == NOW - timedelta(minutes=5) + timedelta(hours=24)

@@ -190,7 +190,7 @@ def test_hubspot_oauth_install_is_fine():
 def test_salesforce_api_user_without_attribution_field():
     assert catalog_edition("salesforce", "enterprise").attribution.value.attribution_field is True
     f = one(evaluate(tenant(account())), "api_user_without_attribution")
-    assert "custom text field on Opportunity" in f.action
+    assert "\"Attribution field on Opportunity\"" in f.action  # the catalog's field names the object
     assert "attribution field: yes" in text_of(f)
     ok = account(attribution=Attribution(field="CrmBridge_Actor__c"))
     assert "api_user_without_attribution" not in rules_of(evaluate(tenant(ok)))
@@ -375,4 +375,4 @@ def test_hubspot_api_user_is_told_to_use_a_deal_property():
     assert catalog_edition("hubspot", "professional").attribution.value.attribution_field is True
     a = account(label="HubSpot", provider="hubspot", edition="professional", auth_mode="oauth_authorization_code")
     f = one(evaluate(tenant(a)), "api_user_without_attribution")
-    assert "deal property" in f.action
+    assert '"Attribution property on Deal"' in f.action and "crb_actor" in f.action  # the catalog's field

@@ -20,8 +20,8 @@ from typing import Any
 import httpcore
 import pytest
 
+from core.connections import service
 from core.errors import ConfigurationError, InvalidInput, MalformedResponse, ProviderError
-from core.providers import service
 from core.providers.config import AccountConfig, HttpTransport
 from core.providers.salesforce import SalesforceProvider
 from core.providers.transport import (
@@ -442,10 +442,9 @@ def test_a_connect_link_shows_the_crm_host_and_never_sends_a_password_to_a_plant
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
 
-    from core import wiring
+    from core.connections import links as connect
+    from core.connections.link_routes import connect_link_routes
     from core.tenants.access import Principal
-    from core.vault import connect
-    from core.vault.routes import routes
     from tests.conftest import make_tenant
     from tests.fixtures.vault import make_vault_world
 
@@ -459,9 +458,8 @@ def test_a_connect_link_shows_the_crm_host_and_never_sends_a_password_to_a_plant
                                           crm_account_id=world.account.id)
         s.commit()
     token = url.rsplit("/", 1)[1]
-    connect.set_credential_tester(wiring._test_link_credential)  # the product's: check_credential, real provider
     try:
-        client = TestClient(Starlette(routes=routes))
+        client = TestClient(Starlette(routes=connect_link_routes()))  # the product's CRM test
         page = client.get(f"/connect/{token}")
         assert f"Your login goes to <b>127.0.0.1:{trap.port}</b>" in page.text  # the user can see where
         csrf = re.search(r"name=csrf value='([^']+)'", page.text).group(1)  # type: ignore[union-attr]
@@ -470,7 +468,7 @@ def test_a_connect_link_shows_the_crm_host_and_never_sends_a_password_to_a_plant
         assert sent.status_code == 503 and "refused" in sent.text
         assert trap.requests == []  # the password never left CRM Bridge
     finally:
-        connect.set_credential_tester(None)
+        pass
 
 
 def test_a_connect_link_never_sends_the_user_to_sign_in_at_a_planted_host(app_db, vault_keys, outside_demo):
@@ -479,10 +477,9 @@ def test_a_connect_link_never_sends_the_user_to_sign_in_at_a_planted_host(app_db
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
 
-    from core import wiring
+    from core.connections import links as connect
+    from core.connections.link_routes import connect_link_routes
     from core.tenants.access import Principal
-    from core.vault import connect
-    from core.vault.routes import routes
     from tests.conftest import make_tenant
     from tests.fixtures.vault import make_vault_world
 
@@ -496,12 +493,11 @@ def test_a_connect_link_never_sends_the_user_to_sign_in_at_a_planted_host(app_db
                                           crm_account_id=world.account.id)
         s.commit()
     token = url.rsplit("/", 1)[1]
-    connect.set_oauth_starter("salesforce", wiring._start_link_oauth)
     try:
-        client = TestClient(Starlette(routes=routes))
+        client = TestClient(Starlette(routes=connect_link_routes()))  # the product's OAuth start (begin_authorization)
         assert "<b>login.evil.example.com</b>" in client.get(f"/connect/{token}").text  # shown, not hidden
         start = client.get(f"/connect/{token}/oauth", follow_redirects=False)
         assert start.status_code == 503 and "refused" in start.text
         assert "evil.example.com" not in start.headers.get("location", "")
     finally:
-        connect.set_oauth_starter("salesforce", None)
+        pass

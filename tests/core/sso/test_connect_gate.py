@@ -1,5 +1,5 @@
 """A connect link asks its app user to sign in through the tenant's tested SSO first (the vault's gate,
-wired by core.wiring): the real SSO routes, the real connect-link routes and the sandbox IdP."""
+handed to the link routes by server.py): the real SSO routes, the real connect-link routes and the sandbox IdP."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from sqlmodel import Session, select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from core import wiring
+from core.connections import links as connect
+from core.connections.link_routes import connect_link_routes
 from core.sso.connect import CONNECT_PASS_COOKIE
+from core.sso.connect_gate import connect_gate
 from core.sso.models import SsoConfig, SsoRequest
 from core.sso.routes import routes as sso_routes
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent
-from core.vault import connect
 from core.vault.models import VaultCredential
-from core.vault.routes import routes as vault_routes
+from tests.core.connections.test_links import GOOD_PASSWORD, FakeCrm
 from tests.core.sso.conftest import CONSOLE, SANDBOX, SsoWorld
-from tests.core.vault.test_connect import GOOD_PASSWORD, FakeCrm
 from tests.fixtures.vault import VaultWorld, make_vault_world
 
 STAFF = Principal(role="staff", email="cs@crmbridge.example")
@@ -30,12 +30,7 @@ STAFF = Principal(role="staff", email="cs@crmbridge.example")
 
 @pytest.fixture
 def crm() -> Iterator[FakeCrm]:
-    fake = FakeCrm()
-    connect.set_credential_tester(fake)
-    connect.set_sso_gate(wiring._sso_gate)
-    yield fake
-    connect.set_credential_tester(None)
-    connect.set_sso_gate(None)
+    yield FakeCrm()
 
 
 @pytest.fixture
@@ -45,9 +40,10 @@ def people(sso_world: SsoWorld) -> VaultWorld:
 
 
 @pytest.fixture
-def browser(sso_world: SsoWorld) -> Iterator[TestClient]:
+def browser(sso_world: SsoWorld, crm: FakeCrm) -> Iterator[TestClient]:
     """One app user's browser: the console's SSO and connect-link routes on one origin (shared cookies)."""
-    with TestClient(Starlette(routes=sso_routes + vault_routes), base_url=CONSOLE) as client:
+    routes = sso_routes + connect_link_routes(tester=crm, sso_gate=connect_gate)  # as server.py builds them
+    with TestClient(Starlette(routes=routes), base_url=CONSOLE) as client:
         yield client
 
 

@@ -182,8 +182,8 @@ def test_demo_history_tells_each_tenants_story(file_engine: Engine, vault_keys: 
 
     scenario = read_scenario()
     with Session(file_engine) as s:
+        from core.connections.demo_credentials import load_demo as load_vault_demo
         from core.demo import load_scenario
-        from core.vault.demo import load_demo as load_vault_demo
 
         slugs = load_scenario(s, scenario)
         now = utcnow()

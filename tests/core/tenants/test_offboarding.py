@@ -8,13 +8,14 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import Session, select
 
+from core.connections import links as connect
+from core.connections.links import CredentialCheck
 from core.errors import AccessDenied, LinkInvalid, SessionInvalid, SignInFailed
 from core.tenants import auth
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent, ConsoleSession, Tenant
 from core.tenants.service import set_tenant_status
-from core.vault import connect, service
-from core.vault.connect import CredentialCheck
+from core.vault import service
 from core.vault.models import VaultCredential
 from tests.conftest import admin_of, make_tenant
 from tests.fixtures.vault import make_vault_world
@@ -131,15 +132,14 @@ def test_a_connect_link_made_before_offboarding_stores_nothing_and_sends_no_pass
         seen.append(check)
         return "005ACME00000001"
 
-    connect.set_credential_tester(tester)
     try:
         with Session(file_engine) as s:
             assert connect.open_link(s, token, audit=False).state == "offboarded"
         with pytest.raises(LinkInvalid, match="Acme has been offboarded"):
             connect.submit_link(token, username="user1@acme.example", password=SecretStr("Corr3ct-Horse!"),
-                                engine=file_engine)
+                                engine=file_engine, tester=tester)
     finally:
-        connect.set_credential_tester(None)
+        pass
     assert seen == []  # the password never went anywhere
     with Session(file_engine) as s:
         assert s.exec(select(VaultCredential)).all() == []

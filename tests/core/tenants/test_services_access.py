@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.connections import service as connections
 from core.errors import AccessDenied, Conflict, InvalidInput
 from core.tenants import service as svc
 from core.tenants.access import Principal
@@ -86,7 +87,7 @@ def test_crm_account_services_per_role(session, staff, leadership, tenant, other
     p: Principal = {"staff": staff, "own_admin": admin_of(tenant), "other_admin": admin_of(other_tenant),
                     "leadership": leadership}[role]
     # CRM accounts are created from the catalog (core.providers); the tenants domain lists and re-modes them
-    from core.providers.service import add_crm_account_settings
+    from core.connections.service import add_crm_account_settings
 
     def add() -> object:
         return add_crm_account_settings(session=session, principal=p, tenant_id=tenant.id, provider="salesforce",
@@ -96,7 +97,7 @@ def test_crm_account_services_per_role(session, staff, leadership, tenant, other
     if role in ("staff", "own_admin"):
         acc = add()
         assert [a.label for a in svc.list_crm_accounts(session=session, principal=p, tenant_id=tenant.id)] == ["EMEA"]
-        svc.set_credential_mode(session=session, principal=p, account_id=acc.id, mode="per_user_oauth")
+        connections.set_credential_mode(session=session, principal=p, account_id=acc.id, mode="per_user_oauth")
         assert acc.credential_mode == "per_user_oauth"
         with pytest.raises(Conflict):
             add()
@@ -109,13 +110,13 @@ def test_crm_account_services_per_role(session, staff, leadership, tenant, other
         with pytest.raises(AccessDenied):
             svc.get_crm_account(session=session, principal=p, account_id=acc.id)
         with pytest.raises(AccessDenied):
-            svc.set_credential_mode(session=session, principal=p, account_id=acc.id, mode="api_user")
+            connections.set_credential_mode(session=session, principal=p, account_id=acc.id, mode="api_user")
 
 
 def test_unknown_credential_mode_is_refused(session, staff, tenant):
     acc = make_crm_account(session, tenant)
     with pytest.raises(InvalidInput, match="credential mode"):
-        svc.set_credential_mode(session=session, principal=staff, account_id=acc.id, mode="shared-password")
+        connections.set_credential_mode(session=session, principal=staff, account_id=acc.id, mode="shared-password")
     assert acc.credential_mode == "api_user"
 
 

@@ -20,14 +20,15 @@ from starlette.testclient import TestClient
 from streamlit.testing.v1 import AppTest
 
 from core.clock import utcnow
+from core.connections import links as connect
+from core.connections.link_routes import connect_link_routes
+from core.connections.links import CredentialCheck, parse_login_secret
 from core.errors import AuthenticationFailed, CrmBridgeError, SessionExpired
 from core.tenants.access import Principal
 from core.tenants.audit import verify_chain
 from core.tenants.models import AuditEvent
-from core.vault import cli, connect, service
-from core.vault.connect import CredentialCheck, parse_login_secret
-from core.vault.models import VaultCredential
-from core.vault.routes import routes
+from core.vault import cli, service
+from core.vault.models import VaultConnectLink, VaultCredential
 from tests.conftest import admin_of, make_tenant, page_text, run_page
 from tests.fixtures.vault import make_vault_world
 
@@ -78,7 +79,7 @@ class CanaryCrm:
         self.crm_user_id = crm_user_id
 
     def __call__(self, check: CredentialCheck) -> str:
-        login = parse_login_secret(check.secret)
+        login = check.login
         logging.getLogger("zeep.transports").debug("HTTP Post to %s: <login/>", check.instance_url)
         if login.password.get_secret_value() != CANARIES["link_password"]:
             raise AuthenticationFailed("INVALID_LOGIN: Invalid username, password, security token; or user locked out.")
@@ -163,13 +164,12 @@ def test_canaries_never_leave_the_vault(app_db, vault_keys, caplog, capsys, tmp_
     service.rotate_kek(principal=STAFF, engine=app_db, batch_size=1, now=now)
 
     # the connect link, over HTTP
-    connect.set_credential_tester(CanaryCrm("005TINY00000001"))
     try:
         with Session(app_db) as s:
             url = connect.create_connect_link(s, principal=STAFF, tenant_id=t, app_user_id=u1, crm_account_id=acc)
-            url2 = connect.create_connect_link(s, principal=STAFF, tenant_id=t, app_user_id=u2, crm_account_id=acc)
+            connect.create_connect_link(s, principal=STAFF, tenant_id=t, app_user_id=u2, crm_account_id=acc)
             s.commit()
-        client = TestClient(Starlette(routes=routes))
+        client = TestClient(Starlette(routes=connect_link_routes(tester=CanaryCrm("005TINY00000001"))))
         token = url.rsplit("/", 1)[1]
         responses = []
 
@@ -192,17 +192,14 @@ def test_canaries_never_leave_the_vault(app_db, vault_keys, caplog, capsys, tmp_
                 assert parse_login_secret(secret).password_with_token.get_secret_value() == (
                     CANARIES["link_password"] + CANARIES["link_token"])
         # OAuth through the second link
-        starts = []
-        connect.set_oauth_starter("salesforce", lambda st: starts.append(st) or "https://login.example/authorize")
-        client.get(f"/connect/{url2.rsplit('/', 1)[1]}/oauth", follow_redirects=False)
         with Session(app_db) as s:
-            connect.complete_oauth(s, state=starts[0].state, secret=CANARIES["oauth_via_link"],
+            link2 = s.exec(select(VaultConnectLink).where(VaultConnectLink.app_user_id == u2)).one()
+            connect.complete_oauth(s, state=connect.oauth_state(link2), secret=CANARIES["oauth_via_link"],
                                    crm_user_id="005TINY00000002")
             s.commit()
         assert post(action="revoke").status_code == 200
     finally:
-        connect.set_credential_tester(None)
-        connect.set_oauth_starter("salesforce", None)
+        pass
 
     # the pages that show credentials
     at = run_page("vault.py", STAFF)

@@ -8,15 +8,11 @@
 grant is for: an opaque string from the connect link) and an expiry; each state is redeemed once
 (``OAuthStateUse``). The PKCE verifier is never stored: it is derived from the state with the server
 secret, so only this server can finish the flow it started. The callback exchanges the code, tests
-the new access token with one real API call, and hands the grant to the **completion handler**
-registered for the binding's prefix (the part before the first ``:``)::
-
-    register_completion_handler("link", handle)   # the connect-link code (vault) registers this
-    def handle(done: OAuthCompletion) -> Response | str: ...
-
-The built-in ``app_user`` handler stores the refresh token in the vault for that app user (purpose
-``crm-login``), bound to the account; anything else needs its own handler. Every absolute URL comes
-from ``get_settings().public(...)``.
+the new access token with one real API call, and hands the grant to the completion for the
+binding's prefix (the part before the first ``:``) in the fixed ``COMPLETIONS`` table: ``app_user``
+stores the refresh token in the vault for that app user (purpose ``crm-login``), ``install`` adds an
+app install's token to the account's secret, ``link`` lets the connect link store it for its user.
+Every absolute URL comes from ``get_settings().public(...)``.
 
 The secure credentials form, ``GET/POST /crm-accounts/{account_id}/credentials``: a plain HTML form
 (never a Streamlit widget) for a CRM account's secret fields — generated from the catalog auth
@@ -56,13 +52,14 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from core.clock import utcnow
+from core.connections import service
+from core.connections.models import OAuthStateUse
 from core.db import session_scope
 from core.errors import AccessDenied, ConfigurationError, CrmBridgeError, InvalidInput, LinkInvalid, NotFound
-from core.providers import service
+from core.keys import OAUTH_STATE, derive_key
 from core.providers.base import AuthorizationCodeSupport, ConnectionReport, TokenGrant
 from core.providers.catalog import FieldSpec
 from core.providers.config import AccountConfig
-from core.providers.models import OAuthStateUse
 from core.providers.transport import CrmUrlPolicy, check_account_urls
 from core.settings import get_settings
 from core.tenants.access import Principal
@@ -90,18 +87,10 @@ class OAuthCompletion:
 
 
 CompletionHandler = Callable[[OAuthCompletion], "Response | str"]
-_handlers: dict[str, CompletionHandler] = {}
-
-
-def register_completion_handler(prefix: str, handler: CompletionHandler, *, clobber: bool = False) -> None:
-    """Handle grants whose binding starts with ``prefix:`` (refuses to replace one silently)."""
-    if prefix in _handlers and not clobber and _handlers[prefix] is not handler:
-        raise ValueError(f"an OAuth completion handler for {prefix!r} exists; pass clobber=True")
-    _handlers[prefix] = handler
 
 
 def _key() -> bytes:
-    return hmac.new(get_settings().server_secret(), b"crmbridge/oauth-state/v1", hashlib.sha256).digest()
+    return derive_key(OAUTH_STATE)
 
 
 def _b64(data: bytes) -> str:
@@ -201,7 +190,7 @@ def _redeem(session: Session, state: str, payload: dict[str, Any], now: datetime
 
 
 def _account_secret(session: Session, account: CrmAccount, principal: Principal) -> dict[str, Any]:
-    from core.providers.service import CREDENTIAL_PURPOSE, credential_fields
+    from core.connections.service import CREDENTIAL_PURPOSE, credential_fields
     from core.vault import service as vault
 
     ref = vault.find_credential(session, tenant_id=account.tenant_id, crm_account_id=account.id,
@@ -217,8 +206,8 @@ def complete_authorization(
     transport: Any = None,
 ) -> Response | str:
     """Verify ``state``, exchange ``code`` with the derived verifier, test the token, hand it over."""
+    from core.connections.service import default_transport
     from core.providers.registry import create_provider
-    from core.providers.service import default_transport
 
     now = now or utcnow()
     payload = read_state(state, now=now)
@@ -247,7 +236,7 @@ def complete_authorization(
             "The CRM accepted the sign-in but refused an API call with it"
             + (f": {failed.detail}" if failed else ""), fix=failed.fix if failed else None)
     prefix = str(payload["b"]).split(":", 1)[0]
-    handler = _handlers.get(prefix)
+    handler = COMPLETIONS.get(prefix)
     if handler is None:
         raise InvalidInput(f"No handler for OAuth bindings of kind {prefix!r}: this is a server setup error.")
     return handler(OAuthCompletion(session=session, account=account, binding=str(payload["b"]), grant=grant,
@@ -256,7 +245,7 @@ def complete_authorization(
 
 def _store_for_app_user(done: OAuthCompletion) -> str:
     """Built-in handler for ``app_user:<id>``: the refresh token goes to the vault for that user."""
-    from core.providers.service import CREDENTIAL_PURPOSE
+    from core.connections.service import CREDENTIAL_PURPOSE
     from core.vault import service as vault
 
     try:
@@ -274,9 +263,6 @@ def _store_for_app_user(done: OAuthCompletion) -> str:
                 kind="oauth_refresh", via="oauth", now=done.now)
     who = f" as {done.identity}" if done.identity else ""
     return f"{done.account.label} is connected{who}. You can close this page."
-
-
-register_completion_handler("app_user", _store_for_app_user)
 
 
 def _store_install(done: OAuthCompletion) -> Response:
@@ -301,7 +287,26 @@ def _store_install(done: OAuthCompletion) -> Response:
     return html_page("App installed", body)
 
 
-register_completion_handler("install", _store_install)
+def _complete_link(done: OAuthCompletion) -> str:
+    """``link:<state>``: a connect link's "Sign in with <CRM>"; the link stores the token for its user
+    (core.connections.links.complete_oauth checks the identity and consumes the link)."""
+    from core.connections.links import complete_oauth
+
+    state = done.binding.split(":", 1)[1]
+    if not done.grant.refresh_token:
+        raise InvalidInput("The CRM gave no refresh token", fix="Add the refresh_token scope to the connected app.")
+    complete_oauth(done.session, state=state,
+                   secret=SecretStr(json.dumps({"refresh_token": done.grant.refresh_token})),
+                   crm_user_id=done.crm_user_id or done.identity or "", now=done.now)
+    return f"{done.account.label} is connected. You can close this page."
+
+
+# Who a grant is for, by its binding's prefix (a fixed table: no handlers registered at start).
+COMPLETIONS: dict[str, CompletionHandler] = {
+    "app_user": _store_for_app_user,
+    "install": _store_install,
+    "link": _complete_link,
+}
 
 
 async def oauth_callback(request: Request) -> Response:

@@ -1,7 +1,5 @@
-"""``crmbridge sandbox …`` and ``crmbridge providers …``.
+"""``crmbridge providers …`` (``crmbridge sandbox serve`` is in core/sandbox_cli.py).
 
-    crmbridge sandbox serve [--host 127.0.0.1] [--port 8502] [--scenario data/demo/sandbox.yaml]
-                            [--tls-dir data/sandbox-tls] [--seed N]      the CRM sandbox over HTTPS
     crmbridge providers catalog [--json]                                 providers, editions, facts
     crmbridge providers test ACCOUNT_ID [--user APP_USER_ID]             a real connection test
 """
@@ -15,13 +13,6 @@ import sys
 
 def _out(text: str) -> None:
     sys.stdout.write(text + "\n")
-
-
-def cmd_sandbox_serve(args: argparse.Namespace) -> int:
-    from sandbox.__main__ import serve
-
-    serve(args.host, args.port, args.scenario, args.tls_dir, seed=args.seed, log_level=args.log_level)
-    return 0
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
@@ -45,8 +36,8 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    from core.connections.service import test_crm_account
     from core.db import session_scope
-    from core.providers.service import test_crm_account
     from core.tenants.access import Principal
 
     with session_scope() as s:
@@ -59,19 +50,6 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from sandbox.__main__ import DEFAULT_SCENARIO, DEFAULT_TLS_DIR
-
-    sandbox = subparsers.add_parser("sandbox", help="the local CRM sandbox").add_subparsers(
-        dest="sandbox_command", required=True)
-    serve = sandbox.add_parser("serve", help="serve the CRM sandbox over HTTPS on loopback")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8502)
-    serve.add_argument("--scenario", default=str(DEFAULT_SCENARIO))
-    serve.add_argument("--tls-dir", default=str(DEFAULT_TLS_DIR))
-    serve.add_argument("--seed", type=int, default=None)
-    serve.add_argument("--log-level", default="warning")
-    serve.set_defaults(func=cmd_sandbox_serve)
-
     providers = subparsers.add_parser("providers", help="CRM providers").add_subparsers(
         dest="providers_command", required=True)
     cat = providers.add_parser("catalog", help="list providers, auth modes and edition facts")

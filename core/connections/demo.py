@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from sqlmodel import Session, select
 
+from core.connections.models import ApiUsageSample
+from core.connections.service import CREDENTIAL_PURPOSE
 from core.errors import CrmBridgeError
 from core.providers.catalog import get_catalog
-from core.providers.models import ApiUsageSample
-from core.providers.service import CREDENTIAL_PURPOSE
 from core.settings import ROOT
 from core.tenants.access import Principal
 from core.tenants.models import CrmAccount

@@ -9,8 +9,11 @@ referrer (the token is in the URL). Every absolute URL comes from CRMBRIDGE_PUBL
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -21,22 +24,40 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from core.clock import utcnow
+from core.connections import links as connect
+from core.connections.links import CredentialTester, LinkView, SubmitResult
 from core.db import session_scope
-from core.errors import ConfigurationError, CrmBridgeError, InvalidInput, LinkInvalid
+from core.errors import ConfigurationError, CrmBridgeError, InvalidInput, LinkInvalid, NotFound
+from core.providers.catalog import FieldSpec, get_catalog
 from core.settings import get_settings
-from core.vault import connect
-from core.vault.connect import LinkView, SsoGateRequest, SubmitResult
 from core.web import csrf_ok, csrf_token_for, esc, html_page
 
-log = logging.getLogger("crmbridge.vault.routes")
+log = logging.getLogger("crmbridge.connections.link_routes")
 
 CSRF_COOKIE = "crmbridge_connect_csrf"
 MAX_BODY = 16 * 1024
-PROVIDER_NAMES = {"salesforce": "Salesforce", "dynamics-365": "Dynamics 365", "hubspot": "HubSpot"}
+
+
+@dataclass(frozen=True)
+class SsoGateRequest:
+    tenant_id: int
+    app_user_id: int
+    app_user_email: str
+    link_url: str
+    request: Request  # its cookies, for a gate that checks an SSO session
+
+
+# Where the tenant has tested SSO: the sign-in URL the link's user must pass first (coming back to
+# ``link_url``), or None to proceed. server.py passes core.sso's gate to ``connect_link_routes``.
+SsoGate = Callable[[SsoGateRequest], "str | None"]
 
 
 def _crm(view: LinkView) -> str:
-    return PROVIDER_NAMES.get(view.provider, view.provider)
+    """The CRM's display name, from the catalog."""
+    try:
+        return get_catalog().provider(view.provider).name
+    except NotFound:
+        return view.provider
 
 
 def _crm_host(view: LinkView) -> str:
@@ -127,14 +148,38 @@ def _explain(view: LinkView) -> str:
     )
 
 
+_FALLBACK_FIELDS = (FieldSpec(name="username", type="string", title="Username", level="user"),
+                    FieldSpec(name="password", type="password", title="Password", secret=True, level="user"))
+_AUTOCOMPLETE = {"username": "username", "password": "current-password"}
+_MAX_LENGTH = {"username": 254, "password": 1024}
+
+
+def _user_fields(view: LinkView) -> tuple[FieldSpec, ...]:
+    """What a user enters for this account: its catalog auth mode's ``user_fields`` (no CRM named here)."""
+    try:
+        entry = get_catalog().provider(view.provider)
+        mode = str(json.loads(view.settings_json or "{}").get("auth_mode") or "")
+    except (ValueError, AttributeError, NotFound):
+        return _FALLBACK_FIELDS
+    # the account's auth mode; for an account that names none, the catalog's mode for its credential mode
+    spec = next((m for m in entry.auth_modes if m.mode == mode), None) or next(
+        (m for m in entry.auth_modes if m.credential_mode == view.mode), None)
+    return tuple(spec.user_fields) if spec is not None and spec.user_fields else _FALLBACK_FIELDS
+
+
+def _field_html(f: FieldSpec) -> str:
+    kind = "password" if f.secret else "text"
+    auto = _AUTOCOMPLETE.get(f.name, "off")
+    label = f.title + ("" if f.required else " (optional)")
+    help_ = f"<p class=note>{esc(f.help)}</p>" if f.help else ""
+    return (f"<label for={esc(f.name)}>{esc(label)}</label>"
+            f"<input type={kind} id={esc(f.name)} name={esc(f.name)} autocomplete={auto}"
+            f"{' required' if f.required else ''} maxlength={_MAX_LENGTH.get(f.name, 256)}>" + help_)
+
+
 def _form(view: LinkView, token: str, *, error: str = "") -> str:
     action = get_settings().public(f"/connect/{token}")
     crm = esc(_crm(view))
-    token_field = (
-        "<label for=security_token>Security token (only if your company requires it)</label>"
-        "<input type=password id=security_token name=security_token autocomplete=off>"
-        if view.provider == "salesforce" else ""
-    )
     oauth = (f"<p><a href='{esc(get_settings().public(f'/connect/{token}/oauth'))}'>Sign in with {crm} "
              "instead</a></p>" if view.oauth else "")
     if view.oauth and view.mode == "per_user_oauth":
@@ -150,11 +195,7 @@ def _form(view: LinkView, token: str, *, error: str = "") -> str:
         "<input type=hidden name=action value=store>"
         f"<p class=note>Your login goes to <b>{esc(_crm_host(view))}</b>, the {crm} address set for "
         f"{esc(view.account_label)}. Enter your password only if this is your company's {crm} address.</p>"
-        f"<label for=username>{crm} username</label>"
-        "<input type=text id=username name=username autocomplete=username required maxlength=254>"
-        f"<label for=password>{crm} password</label>"
-        "<input type=password id=password name=password autocomplete=current-password required maxlength=1024>"
-        + token_field
+        + "".join(_field_html(f) for f in _user_fields(view))
         + "<button type=submit>Test and store</button></form>"
         + oauth
         + f"<p class=note>This link works once and expires {esc(_when(view.expires_at))}.</p>"
@@ -178,22 +219,21 @@ def _invalid(message: str, status: int = 404) -> Response:
                  status=status)
 
 
-def _gate(view: LinkView, token: str, request: Request) -> str | None:
-    gate = connect.sso_gate()
+def _gate(gate: SsoGate | None, view: LinkView, token: str, request: Request) -> str | None:
     if gate is None:
         return None
     return gate(SsoGateRequest(tenant_id=view.tenant_id, app_user_id=view.app_user_id, app_user_email=view.user_email,
                                link_url=get_settings().public(f"/connect/{token}"), request=request))
 
 
-def _get(request: Request, token: str, now: datetime) -> Response:
+def _get(gate: SsoGate | None, request: Request, token: str, now: datetime) -> Response:
     try:
         with session_scope() as s:
             view = connect.open_link(s, token, now=now)
     except LinkInvalid as exc:
         return _invalid(str(exc))
     # SSO first, for a used or expired link too: its page shows what we hold and offers to revoke it
-    redirect = _gate(view, token, request)
+    redirect = _gate(gate, view, token, request)
     if redirect:
         return RedirectResponse(redirect, status_code=303)
     return _link_page(view, token)
@@ -207,7 +247,8 @@ def _refused(token: str, reason: str, now: datetime) -> None:
         pass
 
 
-def _post(request: Request, token: str, form: dict[str, str], now: datetime) -> Response:
+def _post(gate: SsoGate | None, tester: CredentialTester | None, request: Request, token: str,
+          form: dict[str, str], now: datetime) -> Response:
     if not connect.authentic(token):
         return _invalid(connect.FORGED)
     nonce = request.cookies.get(CSRF_COOKIE)
@@ -224,7 +265,7 @@ def _post(request: Request, token: str, form: dict[str, str], now: datetime) -> 
     except LinkInvalid as exc:
         return _invalid(str(exc))
     # SSO first: to revoke from any link (its page says what we hold), to store through an open one
-    if (action == "revoke" or view.is_open) and _gate(view, token, request):
+    if (action == "revoke" or view.is_open) and _gate(gate, view, token, request):
         _refused(token, "sso", now)
         return _invalid("Sign in with your company's single sign-on first: open your connect link again.", 403)
     if action == "revoke":
@@ -241,7 +282,7 @@ def _post(request: Request, token: str, form: dict[str, str], now: datetime) -> 
     try:
         result: SubmitResult = connect.submit_link(
             token, username=form.get("username", ""), password=password,
-            security_token=SecretStr(form.get("security_token", "")), now=now)
+            security_token=SecretStr(form.get("security_token", "")), now=now, tester=tester)
     except LinkInvalid as exc:
         with session_scope() as s:
             view = connect.open_link(s, token, now=now, audit=False)
@@ -264,44 +305,47 @@ def _post(request: Request, token: str, form: dict[str, str], now: datetime) -> 
     return _page("Connected", body)
 
 
-async def connect_page(request: Request) -> Response:
-    token = request.path_params["token"]
-    now = utcnow()
-    try:
-        if request.method == "GET":
-            return await run_in_threadpool(_get, request, token, now)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return _invalid("The form is too large.", status=413)
-        raw = await request.form(max_files=0, max_fields=10)
-        form = {k: v for k, v in raw.items() if isinstance(v, str)}
-        return await run_in_threadpool(_post, request, token, form, now)
-    except CrmBridgeError as exc:
-        log.warning("connect link: %s", type(exc).__name__)
-        return _invalid(str(exc), status=400)
+def connect_link_routes(*, sso_gate: SsoGate | None = None,
+                        tester: CredentialTester | None = None) -> list[BaseRoute]:
+    """The connect-link routes. ``sso_gate`` runs before a page is shown or a submission accepted (None:
+    no SSO step); ``tester`` logs in at the CRM (None: ``core.connections.testing.test_link_login``)."""
 
-
-async def connect_oauth(request: Request) -> Response:
-    token = request.path_params["token"]
-
-    def start() -> Response:
+    async def connect_page(request: Request) -> Response:
+        token = request.path_params["token"]
         now = utcnow()
         try:
-            with session_scope() as s:
-                view = connect.open_link(s, token, now=now, audit=False)
-            if view.is_open and _gate(view, token, request):  # SSO first: back to the link, which sends them
-                return RedirectResponse(get_settings().public(f"/connect/{token}"), status_code=303)
-            with session_scope() as s:
-                url = connect.oauth_start_url(s, token, now=now)
-        except LinkInvalid as exc:
-            return _invalid(str(exc))
-        except ConfigurationError as exc:  # e.g. the account's CRM address is not the vendor's: send nobody there
-            return _invalid(str(exc), status=503)
-        return RedirectResponse(url, status_code=303)
+            if request.method == "GET":
+                return await run_in_threadpool(_get, sso_gate, request, token, now)
+            if int(request.headers.get("content-length") or 0) > MAX_BODY:
+                return _invalid("The form is too large.", status=413)
+            raw = await request.form(max_files=0, max_fields=10)
+            form = {k: v for k, v in raw.items() if isinstance(v, str)}
+            return await run_in_threadpool(_post, sso_gate, tester, request, token, form, now)
+        except CrmBridgeError as exc:
+            log.warning("connect link: %s", type(exc).__name__)
+            return _invalid(str(exc), status=400)
 
-    return await run_in_threadpool(start)
+    async def connect_oauth(request: Request) -> Response:
+        token = request.path_params["token"]
 
+        def start() -> Response:
+            now = utcnow()
+            try:
+                with session_scope() as s:
+                    view = connect.open_link(s, token, now=now, audit=False)
+                if view.is_open and _gate(sso_gate, view, token, request):  # SSO first: back to the link
+                    return RedirectResponse(get_settings().public(f"/connect/{token}"), status_code=303)
+                with session_scope() as s:
+                    url = connect.oauth_start_url(s, token, now=now)
+            except LinkInvalid as exc:
+                return _invalid(str(exc))
+            except ConfigurationError as exc:  # e.g. the account's CRM address is not the vendor's: send nobody
+                return _invalid(str(exc), status=503)
+            return RedirectResponse(url, status_code=303)
 
-routes: list[BaseRoute] = [
-    Route("/connect/{token}", connect_page, methods=["GET", "POST"]),
-    Route("/connect/{token}/oauth", connect_oauth, methods=["GET"]),
-]
+        return await run_in_threadpool(start)
+
+    return [
+        Route("/connect/{token}", connect_page, methods=["GET", "POST"]),
+        Route("/connect/{token}/oauth", connect_oauth, methods=["GET"]),
+    ]

@@ -17,8 +17,8 @@ from sqlmodel import Session, select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from core.providers import routes as provider_routes
-from core.providers import service
+from core.connections import routes as provider_routes
+from core.connections import service
 from core.settings import get_settings
 from core.tenants import auth
 from core.tenants.access import Principal

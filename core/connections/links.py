@@ -8,16 +8,10 @@ logs in as that user's CRM user id (nobody can attach their own login to someone
 stores it and consumes the link — only a successful submission consumes it; five failed attempts
 burn it. The same link lets the user revoke what we hold, even after it was used or expired.
 
-Hooks the lead wires once providers and SSO exist (each is a module-level registration):
-- ``set_credential_tester(fn)``: ``fn(CredentialCheck) -> crm_user_id`` logs in with the submitted
-  credential and returns the CRM user id it logged in as, raising a ``core.errors.ProviderError``
-  (``AuthenticationFailed``, ``ApiDisabled``, ...) when it cannot. Without a tester, submissions are
-  refused: an untested login is never stored.
-- ``set_oauth_starter(provider, fn)``: ``fn(OAuthStart) -> authorization URL`` for providers that
-  offer OAuth; the link page then offers "Sign in with <CRM>". ``OAuthStart.state`` is bound to the
-  link (``oauth_state``); the provider's callback calls ``complete_oauth(session, state=..., ...)``.
-- ``set_sso_gate(fn)``: ``fn(SsoGateRequest) -> URL | None``; where the tenant has tested SSO, return
-  the sign-in URL the user must pass first (coming back to ``link_url``), or None to proceed.
+No hooks: ``submit_link`` calls its ``tester`` (by default ``core.connections.testing.test_link_login``,
+the account's provider class) with the login as typed values; ``oauth_start_url`` calls
+``core.connections.routes.begin_authorization`` directly, and that module's callback calls
+``complete_oauth``. The SSO gate is a parameter of the link routes (``link_routes.connect_link_routes``).
 
 What a per-user login looks like in the vault (purpose ``crm-login``, kind ``password``): the JSON
 ``{"username": ..., "password": ..., "security_token": ...}``; read it inside ``use()`` with
@@ -32,10 +26,9 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import SecretStr
 from sqlalchemy import update
@@ -43,7 +36,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from core.db import session_scope
-from core.errors import ConfigurationError, InvalidInput, LinkInvalid, NotFound, ProviderError
+from core.errors import CrmBridgeError, InvalidInput, LinkInvalid, NotFound, ProviderError
 from core.keys import CONNECT_LINK, derive_key
 from core.settings import get_settings
 from core.tenants.access import Principal, offboarded_message, require_not_offboarded, require_tenant
@@ -53,7 +46,7 @@ from core.vault import service
 from core.vault.models import CredentialKind, CredentialRef, VaultConnectLink
 from core.vault.policy import Policy, get_policy
 
-log = logging.getLogger("crmbridge.vault.connect")
+log = logging.getLogger("crmbridge.connections.links")
 
 LINK_TTL = timedelta(hours=24)
 MIN_TTL = timedelta(minutes=10)
@@ -65,13 +58,13 @@ VIA = "connect-link"
 PER_USER_MODES = service.PER_USER_MODES
 
 
-# --- hooks -----------------------------------------------------------------------------------------
+# --- what the CRM test gets ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class CredentialCheck:
-    """What a credential tester gets: the CRM account, the user it must log in as, and the secret
-    exactly as it will be stored (``parse_login_secret(secret)`` reads it)."""
+    """What a credential tester gets: the CRM account, the user it must log in as, and the login as
+    typed values (the password stays a SecretStr; nothing is JSON-encoded on the way to the CRM)."""
 
     tenant_id: int
     crm_account_id: int
@@ -81,77 +74,21 @@ class CredentialCheck:
     settings_json: str
     app_user_id: int
     expected_crm_user_id: str
-    username: str
-    secret: SecretStr
+    login: LoginSecret
+
+    @property
+    def username(self) -> str:
+        return self.login.username
 
 
-CredentialTester = Callable[[CredentialCheck], str]
+class CredentialTester(Protocol):
+    """Logs in with ``check.login`` and returns the CRM user id it logged in as.
 
-
-@dataclass(frozen=True)
-class OAuthStart:
-    """What an OAuth starter gets; the authorization request must carry ``state`` unchanged."""
-
-    tenant_id: int
-    crm_account_id: int
-    provider: str
-    instance_url: str | None
-    settings_json: str
-    app_user_id: int
-    state: str
-    # the caller's open session: read what you need through it (a second transaction would wait on
-    # this one's SQLite write lock until "database is locked")
-    session: Session | None = None
-
-
-OAuthStarter = Callable[[OAuthStart], str]
-
-
-@dataclass(frozen=True)
-class SsoGateRequest:
-    tenant_id: int
-    app_user_id: int
-    app_user_email: str
-    link_url: str
-    request: Any  # the Starlette request (cookies), for a gate that checks an SSO session
-
-
-SsoGate = Callable[[SsoGateRequest], str | None]
-
-_tester: CredentialTester | None = None
-_oauth_starters: dict[str, OAuthStarter] = {}
-_sso_gate: SsoGate | None = None
-
-
-def set_credential_tester(fn: CredentialTester | None) -> None:
-    """Register the function that tests a submitted login against the CRM.
-
-    ``fn(check: CredentialCheck) -> str`` must log in with ``check.secret`` (a SecretStr holding the
-    login JSON; ``parse_login_secret`` reads it) to the account described by ``check``, and return the
-    CRM user id it logged in as (``ConnectionReport.crm_user_id``). It raises a ``ProviderError``
-    subclass whose message says what is wrong (never the secret). The vault then compares the id with
-    ``check.expected_crm_user_id``. ``None`` removes the tester (submissions are then refused).
+    Raises:
+        CredentialRejected (or another ``core.errors.ProviderError``): the CRM did not accept it.
     """
-    global _tester
-    _tester = fn
 
-
-def set_oauth_starter(provider: str, fn: OAuthStarter | None) -> None:
-    """Register (or with None remove) the OAuth authorization-URL builder for a provider slug."""
-    if fn is None:
-        _oauth_starters.pop(provider, None)
-    else:
-        _oauth_starters[provider] = fn
-
-
-def set_sso_gate(fn: SsoGate | None) -> None:
-    """Register the SSO check run before a link page is shown or a submission is accepted."""
-    global _sso_gate
-    _sso_gate = fn
-
-
-def sso_gate() -> SsoGate | None:
-    return _sso_gate
+    def __call__(self, check: CredentialCheck) -> str: ...
 
 
 # --- the login secret ------------------------------------------------------------------------------
@@ -159,6 +96,8 @@ def sso_gate() -> SsoGate | None:
 
 @dataclass(frozen=True)
 class LoginSecret:
+    """A per-user CRM login as typed values; ``login_secret`` serialises it only for the vault."""
+
     username: str
     password: SecretStr
     security_token: SecretStr
@@ -170,7 +109,12 @@ class LoginSecret:
 
 
 def login_secret(username: str, password: str, security_token: str = "") -> SecretStr:
+    """The vault's stored form of a login (one sealed JSON object); read back with ``parse_login_secret``."""
     return SecretStr(json.dumps({"username": username, "password": password, "security_token": security_token}))
+
+
+def stored_form(login: LoginSecret) -> SecretStr:
+    return login_secret(login.username, login.password.get_secret_value(), login.security_token.get_secret_value())
 
 
 def parse_login_secret(secret: SecretStr) -> LoginSecret:
@@ -180,6 +124,17 @@ def parse_login_secret(secret: SecretStr) -> LoginSecret:
                            SecretStr(str(data.get("security_token") or "")))
     except (ValueError, KeyError, TypeError):
         raise InvalidInput("This credential is not a stored login (username and password): store it again.") from None
+
+
+def offers_oauth(provider: str) -> bool:
+    """The provider class signs users in with OAuth (authorization code + PKCE)."""
+    from core.providers.base import AuthorizationCodeSupport
+    from core.providers.registry import get_provider_class
+
+    try:
+        return issubclass(get_provider_class(provider), AuthorizationCodeSupport)
+    except (ImportError, KeyError, ValueError, CrmBridgeError):
+        return False
 
 
 def same_crm_user(expected: str, actual: str | None) -> bool:
@@ -392,7 +347,7 @@ def _view(session: Session, link: VaultConnectLink, now: datetime) -> LinkView:
         created_at=link.created_at, expires_at=link.expires_at, consumed_at=link.consumed_at,
         policy=get_policy(session, link.tenant_id), held=held,
         # OAuth is offered where the provider supports it and the account is set up for it (it has an app).
-        oauth=account.provider in _oauth_starters and account.credential_mode == "per_user_oauth",
+        oauth=account.credential_mode == "per_user_oauth" and offers_oauth(account.provider),
         mode=account.credential_mode,
     )
 
@@ -452,9 +407,12 @@ class SubmitResult:
 
 def submit_link(
     token: str, *, username: str, password: SecretStr | str, security_token: SecretStr | str = "",
-    engine: Engine | None = None, now: datetime | None = None,
+    engine: Engine | None = None, now: datetime | None = None, tester: CredentialTester | None = None,
 ) -> SubmitResult:
     """Test the login against the CRM, check it is the link's user, store it and consume the link.
+
+    ``tester`` logs in at the CRM; by default ``core.connections.testing.test_link_login`` (the account's
+    provider class over the product's transport). Tests hand in their own.
 
     Runs its own transactions: the link is read, the CRM is called with no transaction open, then
     the credential is stored and the link consumed in one transaction (a concurrent second submission
@@ -463,7 +421,6 @@ def submit_link(
     Raises:
         LinkInvalid: forged, unknown, used, expired or locked link.
         InvalidInput: empty username or password.
-        ConfigurationError: no credential tester is registered.
     """
     now = service.resolve_now(now)
     pw = password.get_secret_value() if isinstance(password, SecretStr) else password
@@ -486,17 +443,15 @@ def submit_link(
             refused = None
     if refused is not None:
         raise refused
-    tester = _tester
     if tester is None:
-        raise ConfigurationError(
-            "CRM Bridge cannot test CRM logins yet (no credential tester is configured), so it stores none: "
-            "ask CRM Bridge staff."
-        )
-    secret = login_secret(username, pw, tok)
+        from core.connections.testing import test_link_login
+
+        tester = test_link_login
+    login = LoginSecret(username, SecretStr(pw), SecretStr(tok))
     check = CredentialCheck(
         tenant_id=view.tenant_id, crm_account_id=view.crm_account_id, provider=view.provider, edition=view.edition,
         instance_url=view.instance_url, settings_json=view.settings_json, app_user_id=view.app_user_id,
-        expected_crm_user_id=view.expected_crm_user_id, username=username, secret=secret,
+        expected_crm_user_id=view.expected_crm_user_id, login=login,
     )
     failure: str | None = None
     code = ""
@@ -516,7 +471,7 @@ def submit_link(
             left = max(MAX_ATTEMPTS - link.failed_attempts, 0)
             return SubmitResult(False, failure, attempts_left=left)
         _give_back_attempt(s, link)
-        return _consume(s, link, view, secret, kind=CredentialKind.password.value, now=now)
+        return _consume(s, link, view, stored_form(login), kind=CredentialKind.password.value, now=now)
 
 
 def _consume(session: Session, link: VaultConnectLink, view: LinkView, secret: SecretStr, *, kind: str,
@@ -592,18 +547,21 @@ def complete_oauth(
 
 
 def oauth_start_url(session: Session, token: str, *, now: datetime | None = None) -> str:
-    """The authorization URL for an open link whose provider has an OAuth starter."""
+    """The CRM's authorization URL for an open link whose provider offers per-user OAuth; its ``state``
+    is bound to the link (``core.connections.routes`` completes it through ``complete_oauth``)."""
+    from core.connections.routes import begin_authorization
+
     now = service.resolve_now(now)
     link = _load(session, token)
     view = _view(session, link, now)
     if not view.is_open:
         raise LinkInvalid(closed_message(view))
-    starter = _oauth_starters.get(view.provider)
-    if starter is None:
+    if not offers_oauth(view.provider):
         raise LinkInvalid(f"{view.account_label} offers no OAuth sign-in here: use the form on the link page.")
-    url = starter(OAuthStart(tenant_id=view.tenant_id, crm_account_id=view.crm_account_id, provider=view.provider,
-                             instance_url=view.instance_url, settings_json=view.settings_json,
-                             app_user_id=view.app_user_id, state=oauth_state(link), session=session))
+    account = session.get(CrmAccount, view.crm_account_id)
+    if account is None:
+        raise InvalidInput("This CRM account no longer exists: ask your admin for a new link.")
+    url = begin_authorization(account=account, binding=f"link:{oauth_state(link)}")
     _audit(session, link, view.user_email, "vault.link.oauth_start", now)
     return url
 

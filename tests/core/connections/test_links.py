@@ -3,6 +3,7 @@ identity check, consumption, replay, expiry, forgery, lock-out, revoke, the SSO 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -13,13 +14,14 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from core.clock import utcnow
+from core.connections import links as connect
+from core.connections.link_routes import connect_link_routes
+from core.connections.links import CredentialCheck, parse_login_secret, same_crm_user
 from core.errors import AccessDenied, AuthenticationFailed, InvalidInput, LinkInvalid
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent
-from core.vault import connect, service
-from core.vault.connect import CredentialCheck, parse_login_secret, same_crm_user
+from core.vault import service
 from core.vault.models import VaultConnectLink, VaultCredential
-from core.vault.routes import routes
 from core.web import csrf_token_for
 from tests.conftest import admin_of, make_tenant
 from tests.fixtures.vault import make_vault_world
@@ -38,7 +40,7 @@ class FakeCrm:
 
     def __call__(self, check: CredentialCheck) -> str:
         self.checks.append(check)
-        login = parse_login_secret(check.secret)
+        login = check.login
         known = self.logins.get(login.username)
         if known is None or known[0] != login.password.get_secret_value():
             raise AuthenticationFailed("INVALID_LOGIN: Invalid username, password, security token; or user locked out.")
@@ -47,12 +49,7 @@ class FakeCrm:
 
 @pytest.fixture
 def crm() -> Iterator[FakeCrm]:
-    fake = FakeCrm()
-    connect.set_credential_tester(fake)
-    yield fake
-    connect.set_credential_tester(None)
-    connect.set_sso_gate(None)
-    connect.set_oauth_starter("salesforce", None)
+    yield FakeCrm()
 
 
 @pytest.fixture
@@ -63,8 +60,8 @@ def world(app_db):
 
 
 @pytest.fixture
-def client(app_db) -> TestClient:
-    return TestClient(Starlette(routes=routes))
+def client(app_db, crm) -> TestClient:
+    return TestClient(Starlette(routes=connect_link_routes(tester=crm)))
 
 
 def _link(app_db, world, *, user=0, ttl=timedelta(hours=24), now=None) -> str:
@@ -225,24 +222,21 @@ def test_user_revokes_from_the_same_link_even_after_use(app_db, world, client, c
     assert states["user1@tinyco.example"] == "reconnect needed"
 
 
-def test_without_a_tester_nothing_untested_is_stored(app_db, world, client):
-    token = _link(app_db, world)
-    resp = _post(client, token, username="tom", password=GOOD_PASSWORD)
-    assert resp.status_code == 503 and "cannot test" in resp.text
-    assert _creds(app_db) == []
-
-
 def test_sso_gate_comes_first(app_db, world, client, crm):
     crm.logins["tom"] = (GOOD_PASSWORD, "005TINY00000001")
     token = _link(app_db, world)
-    page = client.get(f"/connect/{token}")  # before the gate exists
     seen = []
+    tenant_has_sso = []
 
     def gate(req):
+        if not tenant_has_sso:
+            return None
         seen.append(req)
         return None if req.request.cookies.get("sso_ok") else "http://127.0.0.1:8501/sso/tinyco/login?next=x"
 
-    connect.set_sso_gate(gate)
+    client = TestClient(Starlette(routes=connect_link_routes(tester=crm, sso_gate=gate)))
+    page = client.get(f"/connect/{token}")  # before the tenant has SSO
+    tenant_has_sso.append(True)
     resp = client.get(f"/connect/{token}", follow_redirects=False)
     assert resp.status_code == 303 and resp.headers["location"].endswith("/sso/tinyco/login?next=x")
     assert seen[0].app_user_email == "user1@tinyco.example" and seen[0].link_url.endswith(token)
@@ -253,14 +247,25 @@ def test_sso_gate_comes_first(app_db, world, client, crm):
     assert _post(client, token, username="tom", password=GOOD_PASSWORD).status_code == 200
 
 
-def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm):
-    starts = []
+@pytest.fixture
+def loopback_crm_allowed(monkeypatch):  # type: ignore[no-untyped-def]
+    """The account's loopback "CRM" origin passes the URL policy (as the sandbox's does)."""
+    from core.settings import get_settings
 
-    def starter(start):
-        starts.append(start)
-        return f"https://login.example/authorize?state={start.state}"
+    monkeypatch.setenv("CRMBRIDGE_SANDBOX_CA_FILE", __file__)
+    monkeypatch.setenv("CRMBRIDGE_SANDBOX_URL", "https://127.0.0.1:1")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
-    connect.set_oauth_starter("salesforce", starter)
+
+def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm, loopback_crm_allowed):
+    """"Sign in with Salesforce" goes straight to the provider's authorize URL (no starter hook), with a
+    signed state whose binding is this link."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from core.connections.routes import read_state
+
     password_link = _link(app_db, world, user=1)
     page = client.get(f"/connect/{password_link}").text
     assert "Sign in with Salesforce" not in page and "name=password" in page  # no OAuth app on this account
@@ -269,6 +274,7 @@ def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm):
 
         acc = s.get(CrmAccount, world.account.id)
         acc.credential_mode = "per_user_oauth"
+        acc.settings_json = json.dumps({"auth_mode": "oauth_authorization_code", "client_id": "c"})
         s.add(acc)
         s.commit()
     token = _link(app_db, world)
@@ -276,8 +282,11 @@ def test_oauth_state_is_bound_to_the_link(app_db, world, client, crm):
     assert "Sign in with Salesforce" in page and "Never your password" in page
     assert "name=password" not in page  # an OAuth account never asks for the password
     resp = client.get(f"/connect/{token}/oauth", follow_redirects=False)
-    assert resp.status_code == 303 and resp.headers["location"].endswith(starts[0].state)
-    state = starts[0].state
+    assert resp.status_code == 303, resp.text
+    signed = parse_qs(urlsplit(resp.headers["location"]).query)["state"][0]
+    binding = read_state(signed, now=utcnow())["b"]
+    assert binding.startswith("link:")
+    state = binding.split(":", 1)[1]
     with Session(app_db) as s:
         with pytest.raises(LinkInvalid):
             connect.complete_oauth(s, state=state[:-2] + "xx", secret="refresh-token", crm_user_id="005TINY00000001")

@@ -16,12 +16,12 @@ from sqlmodel import Session
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from core.providers import routes as provider_routes
-from core.providers import service
+from core.connections import routes as provider_routes
+from core.connections import service
 from core.tenants.access import Principal
 from core.web import SESSION_COOKIE
 from tests.conftest import make_tenant
-from tests.core.providers.test_credentials_route import _audit, _signed_in, _stored_secret
+from tests.core.connections.test_credentials_route import _audit, _signed_in, _stored_secret
 
 STAFF = Principal(role="staff", email="cs@crmbridge.example")
 APP_SECRET = "demo-hubspot-app-secret"  # what the sandbox's crmbridge-hubspot-app accepts

@@ -15,12 +15,12 @@ from typing import Any
 import yaml
 from sqlmodel import Session, col, select
 
+from core.connections.links import LOGIN_PURPOSE, VIA, login_secret
 from core.errors import ConfigurationError
 from core.settings import ROOT
 from core.tenants.access import Principal
 from core.tenants.models import AppUser, AppUserCrmIdentity, CrmAccount
 from core.vault import keys, service
-from core.vault.connect import LOGIN_PURPOSE, VIA, login_secret
 from core.vault.models import VaultCredential
 
 log = logging.getLogger("crmbridge.vault.demo")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import yaml
 from sqlmodel import select
 
+from core.connections import demo_credentials as demo
+from core.connections.demo_credentials import SANDBOX_FILE
+from core.connections.links import parse_login_secret
 from core.demo import load_scenario, read_scenario
 from core.tenants.access import Principal
 from core.tenants.models import AppUser
-from core.vault import demo, service
-from core.vault.connect import parse_login_secret
-from core.vault.demo import SANDBOX_FILE
+from core.vault import service
 from core.vault.models import VaultCredential
 
 SYSTEM = Principal.system("demo")

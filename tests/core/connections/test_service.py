@@ -12,11 +12,11 @@ from sqlmodel import select
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from core.connections import routes as oauth
+from core.connections import service
+from core.connections.models import ApiUsageSample
 from core.errors import AccessDenied, Conflict, InvalidInput, LinkInvalid
-from core.providers import routes as oauth
-from core.providers import service
 from core.providers.base import ApiUsage
-from core.providers.models import ApiUsageSample
 from core.tenants.access import Principal
 from core.tenants.models import AuditEvent, CrmAccount
 from core.vault import service as vault
@@ -199,8 +199,8 @@ def test_callback_route_shows_the_crm_refusal(app_db):
 
 
 def test_the_demo_accounts_connect_to_the_sandbox(session, staff, vault_keys, sandbox, clock):
+    from core.connections import demo
     from core.demo import load_scenario, read_scenario
-    from core.providers import demo
 
     slugs = load_scenario(session, read_scenario(), sandbox_url=sandbox.base_url)
     demo.load_demo(session, scenario={}, principal=Principal.system("demo"), now=clock(), tenants=slugs)

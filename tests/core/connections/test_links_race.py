@@ -12,10 +12,10 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import Session, select
 
+from core.connections import links as connect
+from core.connections.links import CredentialCheck, SubmitResult
 from core.errors import AuthenticationFailed, LinkInvalid
 from core.tenants.access import Principal
-from core.vault import connect
-from core.vault.connect import CredentialCheck, SubmitResult
 from core.vault.models import VaultConnectLink, VaultCredential
 from tests.conftest import make_tenant
 from tests.fixtures.vault import make_vault_world
@@ -50,18 +50,17 @@ def test_concurrent_wrong_submissions_never_pass_the_limit(file_engine):
     def submit(i: int) -> SubmitResult | LinkInvalid:
         try:
             return connect.submit_link(token, username="user1@tinyco.example", password=SecretStr(f"guess-{i}"),
-                                       engine=file_engine)
+                                       engine=file_engine, tester=wrong_password)
         except LinkInvalid as exc:
             return exc
 
-    connect.set_credential_tester(wrong_password)
     try:
         with ThreadPoolExecutor(SUBMISSIONS) as pool:
             futures = [pool.submit(submit, i) for i in range(SUBMISSIONS)]
             gate.set()
             outcomes = [f.result(timeout=60) for f in futures]
     finally:
-        connect.set_credential_tester(None)
+        pass
 
     assert len(crm_logins) == connect.MAX_ATTEMPTS  # the old code let every one of the 20 reach the CRM
     failed = [o for o in outcomes if isinstance(o, SubmitResult)]
@@ -86,12 +85,11 @@ def test_a_right_password_after_wrong_ones_still_connects_and_does_not_count(fil
             raise AuthenticationFailed("INVALID_LOGIN: Invalid username, password, security token; or user locked out.")
         return who
 
-    connect.set_credential_tester(crm)
     try:
         results = [connect.submit_link(token, username="user1@tinyco.example", password=SecretStr(f"pw-{i}"),
-                                       engine=file_engine) for i in range(5)]
+                                       engine=file_engine, tester=crm) for i in range(5)]
     finally:
-        connect.set_credential_tester(None)
+        pass
     assert [r.ok for r in results] == [False, False, False, False, True]
     assert [r.attempts_left for r in results[:4]] == [4, 3, 2, 1]
     with Session(file_engine) as s:
